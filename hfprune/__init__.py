@@ -1,0 +1,18 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""hfprune: structured pruning for Hugging Face transformers that physically removes weights."""
+
+from .arch import get_adapter, supported_model_types
+from .plan import LayerPlan, PlanError, PrunePlan
+from .prune import apply_plan, model_dims
+from .version import __version__
+
+__all__ = [
+    "LayerPlan",
+    "PlanError",
+    "PrunePlan",
+    "__version__",
+    "apply_plan",
+    "get_adapter",
+    "model_dims",
+    "supported_model_types",
+]

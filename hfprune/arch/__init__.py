@@ -1,0 +1,72 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Architecture adapters, one per model family, registered by exact ``config.model_type``.
+
+An adapter is data: an :class:`~hfprune.structure.ArchSpec` built from the config (where q/k/v/o and the
+FFN projections live, which attributes to sync) plus the config fields that can describe a uniform plan
+without remote code. Family-specific refusals live in ``check``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..structure import ArchSpec
+
+_REGISTRY: dict = {}
+
+
+@dataclass(frozen=True)
+class StackFields:
+    """Config fields that describe one stack's widths, for plans a vanilla config can express.
+
+    ``heads`` / ``kv_heads`` are set only where the family reads an explicit head size (``head_dim``
+    names that field, set explicitly so it cannot be re-derived from a smaller head count). ``ffn``
+    maps FFN block names to their width field. ``None`` means the config cannot express a change.
+    """
+
+    heads: str | None = None
+    kv_heads: str | None = None
+    head_dim: str | None = None
+    ffn: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One model family: its spec (a function of the config), vanilla-expressible fields, extra checks."""
+
+    name: str
+    model_types: tuple
+    spec: Callable
+    fields: dict = field(default_factory=dict)  # stack key -> StackFields
+    check: Callable | None = None  # (config, plan) -> None, raises PlanError
+
+    def arch_spec(self, config) -> ArchSpec:
+        return self.spec(config)
+
+
+def register(adapter: Adapter) -> Adapter:
+    for model_type in adapter.model_types:
+        if model_type in _REGISTRY:
+            raise ValueError(f"model_type {model_type!r} is already registered by adapter {_REGISTRY[model_type].name!r}")
+        _REGISTRY[model_type] = adapter
+    return adapter
+
+
+def supported_model_types() -> list:
+    return sorted(_REGISTRY)
+
+
+def get_adapter(config_or_model) -> Adapter:
+    """The adapter for a model or config, by exact ``model_type``; an error lists the supported ones."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _REGISTRY:
+        raise ValueError(
+            f"hfprune does not support model_type {model_type!r}; supported: {', '.join(supported_model_types())}"
+        )
+    return _REGISTRY[model_type]
+
+
+# Importing the family modules registers them.
+from . import bert, distilbert, gpt2, llama, patchtst, patchtsmixer, seq2seq_ts, timesfm, vit  # noqa: E402,F401

@@ -1,0 +1,20 @@
+"""TimesFM: decoder-only stack with explicit head_dim; MLP gate_proj -> down_proj (ReLU, residual inside)."""
+
+from ..structure import ArchSpec, AttentionSpec, FfnSpec, StackSpec
+from . import Adapter, StackFields, register
+
+
+def _spec(config) -> ArchSpec:
+    attention = AttentionSpec(
+        q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
+        module="self_attn", attrs={"num_heads": "heads", "q_size": "inner", "kv_size": "kv_inner"},
+    )
+    ffn = FfnSpec(up=("mlp.gate_proj",), down="mlp.down_proj")
+    layers = StackSpec(layers="layers", attention={"heads": attention}, ffn={"ffn": ffn},
+                       num_layers_field="num_hidden_layers")
+    return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
+
+
+register(Adapter(name="timesfm", model_types=("timesfm",), spec=_spec,
+                 fields={"layers": StackFields(heads="num_attention_heads", head_dim="head_dim",
+                                               ffn={"ffn": "intermediate_size"})}))

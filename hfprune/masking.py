@@ -1,0 +1,156 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Gates on attention heads, FFN neurons and whole layers of a dense model, for scoring and training.
+
+Head and neuron gates multiply the *input* of the block's output projection (``o`` / ``down``): that input
+is the concatenation of per-head contexts (``heads * head_dim``) or the neuron activations, so a zero gate
+removes exactly what slicing removes, and no gradient reaches the masked rows and columns. Gates are plain
+tensors; give them ``requires_grad`` to score by gradient (Fisher, Taylor on gates).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .arch import get_adapter
+from .plan import ATTENTION_BLOCKS, PrunePlan
+from .prune import as_plan, model_dims, unwrap
+from .structure import attention_dims, get_module
+
+
+class Masks:
+    """Gates for every prunable block of a model; ``attach()`` installs them, ``remove()`` takes them out.
+
+    ``gates[(stack, layer, block)]`` is a 1-D tensor of ones (one per head or neuron); ``dropped`` holds
+    ``(stack, layer)`` pairs whose layer acts as the identity.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> from hfprune.masking import Masks
+    >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    ...                              intermediate_size=64)).eval()
+    >>> masks = Masks(model).attach()
+    >>> masks.gates[("layers", 0, "heads")].tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    >>> masks.remove()
+    ```
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32):
+        self.model = unwrap(model)
+        self.spec = get_adapter(self.model).arch_spec(self.model.config)
+        device = next(self.model.parameters()).device
+        self.gates: dict = {}
+        self.dropped: set = set()
+        for key, layers in model_dims(self.model, self.spec).items():
+            for i, blocks in enumerate(layers):
+                for name, size in blocks.items():
+                    self.gates[(key, i, name)] = torch.ones(size[0], dtype=dtype, device=device)
+        self._handles: list = []
+
+    # -- plan <-> gates --------------------------------------------------------------------------
+
+    def set_plan(self, plan: PrunePlan | dict) -> Masks:
+        """Set gates to 1 for what ``plan`` keeps and 0 for what it removes."""
+        plan = as_plan(plan)
+        plan.validate(model_dims(self.model, self.spec))
+        self.dropped = set()
+        with torch.no_grad():
+            for gate in self.gates.values():
+                gate.fill_(1.0)
+            for key, layers in plan.stacks().items():
+                for i, layer in enumerate(layers):
+                    if layer.drop:
+                        self.dropped.add((key, i))
+                        continue
+                    for name, keep in layer.blocks.items():
+                        if keep is not None:
+                            gate = self.gates[(key, i, name)]
+                            gate.zero_()
+                            gate[list(keep)] = 1.0
+        return self
+
+    def to_plan(self) -> PrunePlan:
+        """The plan the current gates describe (a gate counts as kept when nonzero)."""
+        stacks: dict = {}
+        for (key, i, name), gate in self.gates.items():
+            layers = stacks.setdefault(key, {})
+            entry = layers.setdefault(i, {})
+            if (key, i) in self.dropped:
+                layers[i] = {"drop": True}
+                continue
+            if "drop" in entry:
+                continue
+            kept = torch.nonzero(gate).flatten().tolist()
+            entry[name] = None if len(kept) == len(gate) else kept
+        return PrunePlan.from_dict(
+            {key: [layers[i] for i in sorted(layers)] for key, layers in stacks.items()}
+            | {"model_type": self.model.config.model_type}
+        )
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def attach(self) -> Masks:
+        if self._handles:
+            return self
+        base = self.model.base_model
+        for key, stack in self.spec.stacks.items():
+            layers = get_module(base, stack.layers)
+            for i, layer in enumerate(layers):
+                for name, attn in stack.attention.items():
+                    head_dim = attention_dims(layer, attn)[2]
+                    gate = self.gates[(key, i, name)]
+                    self._hook_input(get_module(layer, attn.o), gate, head_dim)
+                for name, ffn in stack.ffn.items():
+                    self._hook_input(get_module(layer, ffn.down), self.gates[(key, i, name)], 1)
+                self._handles.append(layer.register_forward_hook(self._identity_hook(key, i), with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook_input(self, module: nn.Module, gate: torch.Tensor, width: int) -> None:
+        def pre_hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            # (..., n * width) * (n * width): each head's head_dim slice (or each neuron) gets its gate
+            scaled = x * gate.to(x.dtype).repeat_interleave(width)
+            return ((scaled,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": scaled})
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def _identity_hook(self, key: str, i: int):
+        def hook(_module, args, kwargs, output):
+            if (key, i) not in self.dropped:
+                return output
+            hidden = args[0] if args else next(v for k, v in kwargs.items() if k.startswith("hidden"))
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    # -- summaries -----------------------------------------------------------------------------
+
+    def kept(self) -> dict:
+        """Kept heads/neurons per block kind, summed over layers (dropped layers count as zero)."""
+        out: dict = {}
+        for (key, i, name), gate in self.gates.items():
+            kind = "heads" if name in ATTENTION_BLOCKS else "neurons"
+            n = 0 if (key, i) in self.dropped else int((gate != 0).sum())
+            out[kind] = out.get(kind, 0) + n
+        return out
+
+
+@contextmanager
+def masked(model: nn.Module, plan: PrunePlan | dict):
+    """Run ``model`` as if pruned to ``plan``, without touching its weights."""
+    masks = Masks(model).set_plan(plan).attach()
+    try:
+        yield masks
+    finally:
+        masks.remove()

@@ -1,0 +1,199 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""PrunePlan: the single description of a pruned model.
+
+JSON form (one entry per layer, in order)::
+
+    {"layers": [{"heads": [0, 2, 5], "ffn": [1, 4, 9]}, {"drop": true}, {}],
+     "decoder_layers": [{"heads": null, "cross_heads": [1], "ffn": []}]}
+
+``heads`` / ``cross_heads`` are kept query-head indices, ``ffn`` (and ``patch_ffn`` / ``channel_ffn`` for
+PatchTSMixer) kept neuron indices. ``null`` or a missing key keeps everything, ``[]`` removes the block,
+``{"drop": true}`` removes the layer. Indices are always keep-indices of the model the plan is applied to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ATTENTION_BLOCKS = ("heads", "cross_heads")
+FFN_BLOCKS = ("ffn", "patch_ffn", "channel_ffn")
+BLOCKS = ATTENTION_BLOCKS + FFN_BLOCKS
+STACKS = ("layers", "decoder_layers")
+
+
+class PlanError(ValueError):
+    """A plan that cannot describe the model it is meant for. The message names stack, layer and field."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one layer keeps: ``blocks`` maps a block name to sorted keep-indices (``None`` keeps all)."""
+
+    blocks: dict = field(default_factory=dict)
+    drop: bool = False
+
+    def get(self, block: str) -> tuple | None:
+        return self.blocks.get(block)
+
+    def to_dict(self) -> dict:
+        if self.drop:
+            return {"drop": True}
+        return {name: None if keep is None else list(keep) for name, keep in self.blocks.items()}
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """Per layer of each stack, the kept attention heads and FFN neurons, and which layers are dropped.
+
+    Example:
+
+    ```python
+    >>> from hfprune import PrunePlan
+    >>> plan = PrunePlan.from_dict({"layers": [{"heads": [0, 2], "ffn": [1, 4, 9]}, {"drop": True}]})
+    >>> plan.layers[0].get("heads")
+    (0, 2)
+    >>> plan.to_dict()["layers"][1]
+    {'drop': True}
+    ```
+    """
+
+    layers: tuple = ()
+    decoder_layers: tuple | None = None
+    model_type: str | None = None
+
+    def stacks(self) -> dict:
+        out = {"layers": self.layers}
+        if self.decoder_layers is not None:
+            out["decoder_layers"] = self.decoder_layers
+        return out
+
+    # -- JSON ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrunePlan:
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        allowed = set(STACKS) | {"model_type", "format"}
+        unknown = sorted(set(data) - allowed)
+        if unknown:
+            raise PlanError(f"unknown plan key(s) {unknown}; allowed: {sorted(allowed)}")
+        if "layers" not in data:
+            raise PlanError("a plan needs a 'layers' list (one entry per layer, in order)")
+        stacks = {key: _parse_stack(key, data[key]) for key in STACKS if data.get(key) is not None}
+        return cls(layers=stacks["layers"], decoder_layers=stacks.get("decoder_layers"),
+                   model_type=data.get("model_type"))
+
+    def to_dict(self) -> dict:
+        out: dict = {}
+        if self.model_type is not None:
+            out["model_type"] = self.model_type
+        for key, layers in self.stacks().items():
+            out[key] = [layer.to_dict() for layer in layers]
+        return out
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> PrunePlan:
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            text = Path(path_or_text).read_text()
+        return cls.from_dict(json.loads(text))
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    # -- Queries -------------------------------------------------------------------------------
+
+    def is_empty(self) -> bool:
+        """True when the plan removes nothing it could name (every block kept whole, no layer dropped)."""
+        return all(not layer.drop and all(v is None for v in layer.blocks.values())
+                   for layers in self.stacks().values() for layer in layers)
+
+    def validate(self, dims: dict) -> None:
+        """Check the plan against a model's dimensions.
+
+        ``dims[stack][i][block]`` is ``(heads, kv_heads)`` for attention blocks and ``(neurons,)`` for FFN
+        blocks, as reported by the model's adapter. Raises :class:`PlanError` naming stack, layer and field.
+        """
+        for key, layers in self.stacks().items():
+            if key not in dims:
+                raise PlanError(f"'{key}': this model has no such stack; it has {sorted(dims)}")
+            model_layers = dims[key]
+            if len(layers) != len(model_layers):
+                raise PlanError(f"'{key}' has {len(layers)} entries but the model has {len(model_layers)} layers")
+            for i, (layer, blocks) in enumerate(zip(layers, model_layers)):
+                for name, keep in layer.blocks.items():
+                    where = f"{key}[{i}].{name}"
+                    if name not in blocks:
+                        raise PlanError(f"{where}: this layer has no '{name}' block; it has {sorted(blocks)}")
+                    if keep is None:
+                        continue
+                    size = blocks[name][0]
+                    bad = [k for k in keep if k >= size]
+                    if bad:
+                        raise PlanError(f"{where}: index {bad[0]} out of range; the layer has {size} (0..{size - 1})")
+                    if name in ATTENTION_BLOCKS:
+                        _check_gqa(where, keep, *blocks[name])
+            dropped = sum(layer.drop for layer in layers)
+            if layers and dropped == len(layers):
+                raise PlanError(f"'{key}': the plan drops all {dropped} layers; at least one must stay")
+
+
+def _check_gqa(where: str, keep: tuple, heads: int, kv_heads: int) -> None:
+    if kv_heads == heads or not keep:
+        return
+    group = heads // kv_heads
+    counts: dict = {}
+    for h in keep:
+        counts[h // group] = counts.get(h // group, 0) + 1
+    if len(set(counts.values())) != 1:
+        detail = ", ".join(f"group {g}: {n}" for g, n in sorted(counts.items()))
+        raise PlanError(
+            f"{where}: GQA needs the same number of kept query heads in every kept key/value group "
+            f"({group} query heads per group of {kv_heads}); got {detail}"
+        )
+
+
+def _parse_stack(key: str, entries) -> tuple:
+    if not isinstance(entries, list):
+        raise PlanError(f"'{key}' must be a list with one entry per layer, got {type(entries).__name__}")
+    return tuple(_parse_layer(f"{key}[{i}]", entry) for i, entry in enumerate(entries))
+
+
+def _parse_layer(where: str, entry) -> LayerPlan:
+    if entry is None:
+        return LayerPlan()
+    if not isinstance(entry, dict):
+        raise PlanError(f"{where} must be an object like {{'heads': [...], 'ffn': [...]}}, got {entry!r}")
+    unknown = sorted(set(entry) - set(BLOCKS) - {"drop"})
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(BLOCKS + ('drop',))}")
+    drop = entry.get("drop", False)
+    if not isinstance(drop, bool):
+        raise PlanError(f"{where}.drop must be true or false, got {drop!r}")
+    if drop:
+        others = sorted(k for k, v in entry.items() if k != "drop" and v is not None)
+        if others:
+            raise PlanError(f"{where}: a dropped layer cannot also keep {others}")
+        return LayerPlan(drop=True)
+    return LayerPlan(blocks={name: _parse_keep(f"{where}.{name}", entry[name]) for name in BLOCKS if name in entry})
+
+
+def _parse_keep(where: str, keep) -> tuple | None:
+    if keep is None:
+        return None
+    if not isinstance(keep, (list, tuple)):
+        raise PlanError(f"{where} must be a list of kept indices or null, got {keep!r}")
+    for k in keep:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise PlanError(f"{where}: indices must be integers, got {k!r}")
+        if k < 0:
+            raise PlanError(f"{where}: indices must be >= 0, got {k}")
+    if len(set(keep)) != len(keep):
+        dup = next(k for k in keep if list(keep).count(k) > 1)
+        raise PlanError(f"{where}: index {dup} appears twice")
+    return tuple(sorted(keep))

@@ -1,0 +1,1 @@
+"""Cases for the time-series families (filled in per family)."""
