@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .arch import get_adapter
-from .prune import as_plan, unwrap
+from .apply import as_plan, unwrap
 from .structure import EmptyAttention, EmptyFfn, attention_dims, get_module, in_features, out_features
 
 
@@ -67,6 +67,12 @@ def _attention_cost(layer: nn.Module, spec, keep, seq_len: int) -> tuple:
     projs = [get_module(layer, n) for n in dict.fromkeys(names)]
     o = get_module(layer, spec.o)
     now = sum(_numel(p) for p in projs) + _numel(o)
+    if keep is not None and len(keep) == 0:
+        # The whole module becomes an EmptyAttention (per-head norms and scales go too); only the output
+        # projection's bias survives, inside it (``empty="bias"``) or on the outer projection ("context").
+        inside = spec.o.startswith(spec.module + ".") if spec.module else True
+        now = _numel(module) + (0 if inside else _numel(o))
+        return now, _bias(o), 0, 0
     n = heads if keep is None else len(keep)
     n_kv = kv_heads if keep is None else len({h // (heads // kv_heads) for h in keep})
     hidden = in_features(projs[0])
@@ -92,6 +98,9 @@ def _ffn_cost(layer: nn.Module, spec, keep, seq_len: int) -> tuple:
     ups = [get_module(layer, n) for n in spec.up]
     down = get_module(layer, spec.down)
     now = sum(_numel(u) for u in ups) + _numel(down)
+    if keep is not None and len(keep) == 0 and spec.module is not None:
+        # The whole block becomes an EmptyFfn that keeps only the down projection's bias.
+        return _numel(get_module(layer, spec.module)), _bias(down), 0, 0
     n = out_features(ups[0]) if keep is None else len(keep)
     per_token = sum(in_features(u) * n for u in ups) + n * out_features(down)
     kept = per_token + sum(n for u in ups if _bias(u)) + _bias(down)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .arch import get_adapter
 from .plan import ATTENTION_BLOCKS, PrunePlan
-from .prune import as_plan, model_dims, unwrap
+from .apply import as_plan, model_dims, unwrap
 from .structure import attention_dims, get_module
 
 
@@ -106,8 +106,14 @@ class Masks:
                     head_dim = attention_dims(layer, attn)[2]
                     gate = self.gates[(key, i, name)]
                     self._hook_input(get_module(layer, attn.o), gate, head_dim)
+                    if attn.gate_query:
+                        self._hook_query(get_module(layer, attn.q), gate, head_dim)
+                    if attn.draws_rng:  # a fully masked module draws nothing, like the EmptyAttention
+                        self._keep_rng(get_module(layer, attn.module), lambda gate=gate: not bool(gate.any()))
                 for name, ffn in stack.ffn.items():
                     self._hook_input(get_module(layer, ffn.down), self.gates[(key, i, name)], 1)
+                if any(attn.draws_rng for attn in stack.attention.values()):  # nor does a dropped layer
+                    self._keep_rng(layer, lambda key=key, i=i: (key, i) in self.dropped)
                 self._handles.append(layer.register_forward_hook(self._identity_hook(key, i), with_kwargs=True))
         return self
 
@@ -124,6 +130,36 @@ class Masks:
             return ((scaled,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": scaled})
 
         self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    def _hook_query(self, module: nn.Module, gate: torch.Tensor, width: int) -> None:
+        # For modules that average query-key scores over heads (AttentionSpec.gate_query). Scores are linear in
+        # the query, so scaling head h's query rows by gate_h * heads / sum(gate) turns the mean over all heads
+        # into the gate-weighted mean: with 0/1 gates, exactly the mean over the kept heads that slicing computes.
+        def hook(_module, _args, output):
+            total = gate.sum()
+            mean = torch.where(total > 0, total, torch.ones_like(total)) / len(gate)  # all masked: scale 0
+            return output * (gate / mean).to(output.dtype).repeat_interleave(width)
+
+        self._handles.append(module.register_forward_hook(hook))
+
+    def _keep_rng(self, module: nn.Module, when) -> None:
+        # While ``when()`` holds, the global RNG state is restored after ``module`` runs: a removed block has no
+        # side effect on later random draws (AttentionSpec.draws_rng), as in the sliced model where it is gone.
+        forks: list = []
+
+        def pre_hook(_module, _args):
+            fork = _fork_rng(module) if when() else None
+            if fork is not None:
+                fork.__enter__()
+            forks.append(fork)
+
+        def hook(_module, _args, _output):
+            fork = forks.pop() if forks else None
+            if fork is not None:
+                fork.__exit__(None, None, None)
+
+        self._handles.append(module.register_forward_pre_hook(pre_hook))
+        self._handles.append(module.register_forward_hook(hook, always_call=True))
 
     def _identity_hook(self, key: str, i: int):
         def hook(_module, args, kwargs, output):
@@ -144,6 +180,15 @@ class Masks:
             n = 0 if (key, i) in self.dropped else int((gate != 0).sum())
             out[kind] = out.get(kind, 0) + n
         return out
+
+
+def _fork_rng(module: nn.Module):
+    """A ``torch.random.fork_rng`` context for the CPU generator and the one of ``module``'s accelerator."""
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    if device.type in ("cpu", "meta"):
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
 @contextmanager

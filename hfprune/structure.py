@@ -32,6 +32,13 @@ class AttentionSpec:
     projection (it returns that projection's bias, exactly what the fully masked block adds to the
     residual), ``"context"`` when the output projection sits outside ``module`` (it returns a zero-width
     context that the outer projection, sliced to zero input columns, maps to its bias).
+
+    Two flags tell masking (``hfprune.masking``) what a gate on the output projection's input cannot express;
+    slicing ignores them. ``gate_query``: the module averages query-key scores over all heads (Autoformer's
+    autocorrelation picks its delays from that mean), so gates also scale the query rows, renormalised to a
+    mean over the kept heads. ``draws_rng``: the module draws from the global RNG in forward (Informer's
+    ProbSparse key sample); a fully masked one must draw nothing, like the :class:`EmptyAttention` that
+    replaces it, so later draws stay aligned.
     """
 
     q: str
@@ -45,6 +52,8 @@ class AttentionSpec:
     returns: int = 2
     cache: bool = False
     fused_qkv: bool = False
+    gate_query: bool = False
+    draws_rng: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,10 +213,12 @@ def slice_output(module: nn.Module, keep: torch.Tensor) -> None:
     if base is not module:
         for lora_b in module.lora_B.values():  # (out, r)
             _slice_param(lora_b, "weight", 0, keep)
+            _slice_param(lora_b, "bias", 0, keep)  # peft's lora_bias=True
             _set_features(lora_b, out=len(keep))
         for mag in getattr(module, "lora_magnitude_vector", {}).values():  # DoRA: one magnitude per output row
             _slice_param(mag, "weight", 0, keep)
         _set_features(module, out=len(keep))
+        _clear_dora_caches(module)
 
 
 def slice_input(module: nn.Module, keep: torch.Tensor) -> None:
@@ -222,6 +233,9 @@ def slice_input(module: nn.Module, keep: torch.Tensor) -> None:
             _slice_param(lora_a, "weight", 1, keep)
             _set_features(lora_a, inp=len(keep))
         _set_features(module, inp=len(keep))
+        _clear_dora_caches(module)
+        if len(keep) == 0:
+            _dora_to_lora(module)
 
 
 def _rescale_dora_magnitude(module: nn.Module, keep: torch.Tensor) -> None:
@@ -239,6 +253,43 @@ def _rescale_dora_magnitude(module: nn.Module, keep: torch.Tensor) -> None:
             kept = full.index_select(1, keep.to(full.device))
             ratio = kept.norm(dim=1) / full.norm(dim=1).clamp_min(torch.finfo(full.dtype).tiny)
             _replace_param(mag, "weight", mag.weight * ratio.to(mag.weight.dtype))
+
+
+def _clear_dora_caches(module: nn.Module) -> None:
+    # DoRA may cache the weight norm and B@A (peft's ENABLE_DORA_CACHING); both have the old shapes now.
+    for mag in getattr(module, "lora_magnitude_vector", {}).values():
+        if callable(getattr(mag, "_cache_clear", None)):
+            mag._cache_clear()
+
+
+def _dora_to_lora(module: nn.Module) -> None:
+    # With no input column left, ||W + s*B@A||_row is 0 and DoRA's magnitude / norm is NaN (forward and merge).
+    # The layer now outputs exactly its bias, as the masked layer does (its magnitude gets no gradient there
+    # either, the masked input being 0), so its DoRA adapters become plain LoRA: same output, finite, mergeable.
+    mags = getattr(module, "lora_magnitude_vector", None)
+    for name in list(mags or ()):
+        del mags[name]
+        getattr(module, "lora_variant", {}).pop(name, None)
+        if name in getattr(module, "use_dora", {}):
+            module.use_dora[name] = False
+
+
+def zero_input_output(module: nn.Module) -> torch.Tensor | None:
+    """What a projection outputs for a zero input: its bias, plus ``scaling * lora_B.bias`` of each active,
+    unmerged plain-LoRA adapter made with peft's ``lora_bias=True`` (B@A and DoRA's terms vanish at zero)."""
+    base = _base_layer(module)
+    bias = base.bias
+    if base is module or getattr(module, "disable_adapters", False):
+        return bias
+    skip = set(getattr(module, "merged_adapters", ())) | set(getattr(module, "lora_variant", ()))
+    extra = [module.scaling[name] * module.lora_B[name].bias
+             for name in getattr(module, "active_adapters", module.lora_B.keys())
+             if name in module.lora_B and name not in skip and getattr(module.lora_B[name], "bias", None) is not None]
+    if not extra:
+        return bias
+    with torch.no_grad():
+        total = sum(extra) if bias is None else bias + sum(extra)
+    return total.requires_grad_(bias is not None and bias.requires_grad)  # trainable only where the base bias is
 
 
 def _set_features(module: nn.Module, out: int | None = None, inp: int | None = None) -> None:
@@ -286,7 +337,7 @@ def prune_attention(layer: nn.Module, spec: AttentionSpec, keep_heads: list, lay
         o = get_module(layer, spec.o)
         if spec.empty == "context":
             slice_input(o, keep)
-        bias = _base_layer(o).bias if spec.empty == "bias" else None
+        bias = zero_input_output(o) if spec.empty == "bias" else None
         empty = EmptyAttention(spec.empty, out_features(o), bias, spec.returns, head_dim, layer_idx, spec.cache)
         set_module(layer, spec.module, empty.to(_base_layer(o).weight.device))
         return
@@ -321,7 +372,7 @@ def prune_ffn(layer: nn.Module, spec: FfnSpec, keep_neurons: list) -> None:
     keep = torch.as_tensor(sorted(keep_neurons), dtype=torch.long, device="cpu")
     down = get_module(layer, spec.down)
     if len(keep) == 0 and spec.module is not None:
-        empty = EmptyFfn(out_features(down), _base_layer(down).bias)
+        empty = EmptyFfn(out_features(down), zero_input_output(down))
         set_module(layer, spec.module, empty.to(_base_layer(down).weight.device))
         return
     for path in spec.up:
@@ -392,4 +443,49 @@ class PrunedModelMixin:
                 "spec written by hfprune); this config has none."
             )
         spec = ArchSpec.from_dict(record["arch"])
-        apply_structure(self.base_model, config, spec, without_dropped(record["plan"]))
+        plan = without_dropped(record["plan"])
+        for key, stack in spec.stacks.items():
+            layers = len(get_module(self.base_model, stack.layers))
+            if plan.get(key) is not None and len(plan[key]) != layers:
+                raise ValueError(
+                    f"config.{HFPRUNE_CONFIG_KEY}.plan['{key}'] keeps {len(plan[key])} layers but the config builds "
+                    f"{layers}: the checkpoint's config is inconsistent"
+                )
+        apply_structure(self.base_model, config, spec, plan)
+
+    @staticmethod
+    def _finalize_model_loading(model, *args, **kwargs):
+        # transformers' step after the checkpoint's tensors are loaded (5.x). Inside a pruned stack every tensor
+        # must match what the plan rebuilt: a size mismatch, a missing or an unexpected key there means the plan
+        # and the tensors disagree, and reinitialising (or dropping) weights would silently change the model.
+        info = kwargs["loading_info"] if "loading_info" in kwargs else args[-1]
+        _check_pruned_load(model, info, after=False)
+        result = super(PrunedModelMixin, type(model))._finalize_model_loading(model, *args, **kwargs)
+        _check_pruned_load(model, info if result is None else result, after=True)
+        return result
+
+
+def _check_pruned_load(model: nn.Module, info, after: bool) -> None:
+    """Raise a ValueError for a tensor of a pruned stack that the checkpoint does not supply as it was saved."""
+    record = getattr(model.config, HFPRUNE_CONFIG_KEY, None) or {}
+    stacks = ArchSpec.from_dict(record["arch"]).stacks.values() if record.get("arch") else ()
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    roots = tuple(f"{s.layers}." for s in stacks) + tuple(f"{prefix}.{s.layers}." for s in stacks if prefix)
+
+    def in_stack(key: str) -> bool:  # keys are named from the model loaded, or from a model with the prefix
+        return bool(roots) and key.startswith(roots)
+
+    where = f"{type(model).__name__} from a checkpoint pruned by hfprune"
+    hint = f"config.{HFPRUNE_CONFIG_KEY}.plan does not describe the saved tensors (was config.json edited?)"
+    if not after:
+        bad = sorted((k, tuple(a), tuple(b)) for k, a, b in getattr(info, "mismatched_keys", ()) if in_stack(k))
+        if bad:
+            lines = "; ".join(f"{k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in bad)
+            raise ValueError(f"{where}: size mismatch for {lines}. {hint}")
+        return
+    missing = sorted(k for k in getattr(info, "missing_keys", ()) if in_stack(k))
+    unexpected = sorted(k for k in getattr(info, "unexpected_keys", ()) if in_stack(k))
+    if missing or unexpected:
+        parts = ([f"missing from the checkpoint: {missing}"] if missing else []) + (
+            [f"in the checkpoint but not in the model: {unexpected}"] if unexpected else [])
+        raise ValueError(f"{where}: {'; '.join(parts)}. {hint}")

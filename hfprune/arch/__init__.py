@@ -48,7 +48,8 @@ class Adapter:
 def register(adapter: Adapter) -> Adapter:
     for model_type in adapter.model_types:
         if model_type in _REGISTRY:
-            raise ValueError(f"model_type {model_type!r} is already registered by adapter {_REGISTRY[model_type].name!r}")
+            other = _REGISTRY[model_type].name
+            raise ValueError(f"model_type {model_type!r} is already registered by adapter {other!r}")
         _REGISTRY[model_type] = adapter
     return adapter
 
@@ -69,4 +70,4 @@ def get_adapter(config_or_model) -> Adapter:
 
 
 # Importing the family modules registers them.
-from . import bert, distilbert, gpt2, llama, patchtst, patchtsmixer, seq2seq_ts, timesfm, vit  # noqa: E402,F401
+from . import bert, distilbert, gpt2, llama, patchtsmixer, patchtst, seq2seq_ts, timesfm, vit  # noqa: E402,F401

@@ -19,7 +19,7 @@ def _spec(config) -> ArchSpec:
 def _check(config, plan) -> None:
     if getattr(config, "add_cross_attention", False):
         raise PlanError("GPT-2 with add_cross_attention=True is not supported (its cross-attention has no adapter)")
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and any(l.drop for l in plan.layers):
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and any(layer.drop for layer in plan.layers):
         raise PlanError(
             "layers[*].drop: GPT-2 with scale_attn_by_inverse_layer_idx=True scales attention by the layer's "
             "index, which a dropped layer would shift on reload; drop no layers for this model"

@@ -30,7 +30,9 @@ def save_pruned(model: nn.Module, save_directory, *args, **kwargs) -> None:
     """Save like ``save_pretrained``, atomically: a failure leaves no directory that looks valid."""
     base = original_class(model)
     if kwargs.get("push_to_hub"):
-        raise ValueError("save_pretrained(push_to_hub=True) is not supported for pruned models; save, then push the folder")
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) is not supported for pruned models; save, then push the folder"
+        )
     if not kwargs.get("is_main_process", True):
         return  # only the main process writes; the others have nothing to add
     final = Path(save_directory)
@@ -77,12 +79,23 @@ def write_modeling_file(model: nn.Module, base: type, directory: Path) -> dict:
         if not hasattr(transformers, name):
             raise ValueError(f"cannot write remote code for {name}: transformers exports no such class")
         lines += ["", f"class Pruned{name}(PrunedModelMixin, _transformers.{name}):", "    pass", ""]
-        for auto_name in auto_classes_for(model.config.model_type, name):
-            auto_map[auto_name] = f"{MODELING_FILE[:-3]}.Pruned{name}"
+        for auto_name in auto_classes_for(model.config.model_type, name) or fallback_auto_classes(name):
+            auto_map.setdefault(auto_name, f"{MODELING_FILE[:-3]}.Pruned{name}")
     if not auto_map:
         raise ValueError(f"no transformers auto class maps model_type {model.config.model_type!r} to {base.__name__}")
     (directory / MODELING_FILE).write_text("\n".join(lines).rstrip() + "\n")
     return auto_map
+
+
+# For head classes transformers maps to no auto class (the time-series forecasters but TimesFM): the auto class
+# whose task they perform. With ``trust_remote_code`` an auto class loads whatever its ``auto_map`` entry names.
+FALLBACK_AUTO_CLASSES = {"ForPrediction": "AutoModelForTimeSeriesPrediction"}
+
+
+def fallback_auto_classes(class_name: str) -> list:
+    """The auto class a head class unknown to transformers' auto mappings is saved under, by its task suffix."""
+    return [auto for suffix, auto in FALLBACK_AUTO_CLASSES.items()
+            if class_name.endswith(suffix) and hasattr(transformers, auto)]
 
 
 def auto_classes_for(model_type: str, class_name: str) -> list:

@@ -100,11 +100,19 @@ def check_plan(model: nn.Module, plan: PrunePlan, adapter: Adapter, spec: ArchSp
     if plan.model_type is not None and plan.model_type != model.config.model_type:
         raise PlanError(f"the plan is for model_type {plan.model_type!r}, the model is {model.config.model_type!r}")
     plan.validate(model_dims(model, spec))
+    if adapter.check is not None:  # family-specific, more precise messages first
+        adapter.check(model.config, plan)
     for key, layers in plan.stacks().items():
         if any(layer.drop for layer in layers) and not spec.stacks[key].droppable:
             raise PlanError(f"{key}[*].drop: layers of this {model.config.model_type} stack cannot be dropped")
-    if adapter.check is not None:
-        adapter.check(model.config, plan)
+    for name, module in model.named_modules():
+        # a merged DoRA weight is magnitude/norm-scaled and peft caches that norm per output row for unmerging:
+        # slicing it cannot keep the magnitudes right. (Merged plain LoRA slices consistently.)
+        merged = set(getattr(module, "merged_adapters", None) or ())
+        merged_dora = merged & set(getattr(module, "lora_magnitude_vector", None) or ())
+        if merged_dora:
+            raise ValueError(f"{name}: DoRA adapter(s) {sorted(merged_dora)} are merged into the base weight; call "
+                             "unmerge_adapter() before pruning, or merge_and_unload() and prune the merged model")
 
 
 def vanilla_updates(adapter: Adapter, model: nn.Module, total: PrunePlan) -> dict | None:

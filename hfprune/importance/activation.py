@@ -1,0 +1,61 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Activation: mean magnitude of each head's output and each neuron's activation on calibration data
+(as in Minitron), read at the input of the block's output projection."""
+
+from __future__ import annotations
+
+import torch
+
+from ..arch import get_adapter
+from ..apply import unwrap
+from ..structure import attention_dims, get_module
+from .base import Importance, iterate, reduce_across_processes, register_importance, to_device
+
+
+@register_importance
+class ActivationImportance(Importance):
+    name = "activation"
+
+    def score(self, model, batches=None) -> dict:
+        if batches is None:
+            raise ValueError("the 'activation' criterion needs calibration data")
+        model = unwrap(model)
+        spec = get_adapter(model).arch_spec(model.config)
+        device = next(model.parameters()).device
+        sums, counts, handles = {}, {}, []
+
+        def watch(module, key, groups):
+            def hook(_m, args):
+                x = args[0].detach().float()  # (..., groups * width)
+                per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1)  # (tokens, groups)
+                sums[key] = sums.get(key, 0) + per.sum(0)
+                counts[key] = counts.get(key, 0) + per.shape[0]
+
+            handles.append(module.register_forward_pre_hook(hook))
+
+        for key, stack in spec.stacks.items():
+            for i, layer in enumerate(get_module(model.base_model, stack.layers)):
+                for name, attn in stack.attention.items():
+                    heads = attention_dims(layer, attn)[0]
+                    if heads:
+                        watch(get_module(layer, attn.o), (key, i, name), heads)
+                for name, ffn in stack.ffn.items():
+                    down = get_module(layer, ffn.down)
+                    watch(down, (key, i, name), getattr(down, "in_features", None) or _width(down))
+        try:
+            with torch.no_grad():
+                for batch in iterate(batches, "activation"):
+                    model(**to_device(batch, device))
+        finally:
+            for h in handles:
+                h.remove()
+        if not sums:
+            raise ValueError("the calibration data is empty")
+        scores = {k: sums[k] / counts[k] for k in sums}
+        return reduce_across_processes(scores)
+
+
+def _width(module) -> int:
+    from ..structure import in_features
+
+    return in_features(module)

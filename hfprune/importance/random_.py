@@ -1,0 +1,21 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Random scores: the baseline every criterion must beat. Seeded, so every rank draws the same."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Importance, register_importance, zero_scores
+
+
+@register_importance
+class RandomImportance(Importance):
+    name = "random"
+    needs_data = False
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def score(self, model, batches=None) -> dict:
+        g = torch.Generator().manual_seed(self.seed)
+        return {k: torch.rand(v.shape, generator=g) for k, v in zero_scores(model).items()}

@@ -1,0 +1,99 @@
+"""Importance criteria and retraining-free pruning on tiny models of every family."""
+
+import pytest
+import torch
+
+import hfprune
+from hfprune.importance import get_importance
+from hfprune.masking import Masks
+
+from .cases import CASES
+
+CRITERIA = hfprune.supported_importance()
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+@pytest.mark.parametrize("model_type", ["bert", "llama", "gpt2", "patchtst", "informer"])
+def test_scores_have_one_value_per_head_and_neuron(model_type, criterion):
+    case = CASES[model_type]
+    model = case.build("eager").eval()
+    scores = get_importance(criterion).score(model, [case.inputs(0), case.inputs(1)])
+    gates = Masks(model).gates
+    assert scores.keys() == gates.keys()
+    for key in gates:
+        assert scores[key].shape == gates[key].shape and torch.isfinite(scores[key]).all()
+        assert (scores[key] >= 0).all()
+
+
+def test_magnitude_by_hand():
+    model = CASES["bert"].build("eager")
+    attn = model.bert.encoder.layer[0].attention
+    rows = slice(8, 16)  # head 1 of 4, head_dim 8
+    expected = sum(w.weight[rows].pow(2).sum() for w in (attn.self.query, attn.self.key, attn.self.value))
+    expected = expected + attn.output.dense.weight[:, rows].pow(2).sum()
+    got = get_importance("magnitude").score(model)[("layers", 0, "heads")][1]
+    assert torch.allclose(got, expected.float(), rtol=1e-5)
+
+
+def test_fisher_is_a_sum_of_squared_per_example_gate_gradients():
+    case = CASES["bert"]
+    model = case.build("eager").eval()
+    batch = case.inputs(0)
+    got = get_importance("fisher").score(model, [batch])[("layers", 1, "ffn")]
+    masks = Masks(model)
+    gate = masks.gates[("layers", 1, "ffn")].requires_grad_(True)
+    masks.attach()
+    expected = torch.zeros_like(gate)
+    for j in range(2):
+        one = {k: v[j : j + 1] for k, v in batch.items()}
+        logits = model(**one).logits
+        loss = torch.nn.functional.cross_entropy(logits, logits.argmax(-1))  # self-supervised: no labels
+        (grad,) = torch.autograd.grad(loss, gate)
+        expected += grad.pow(2)
+    masks.remove()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-12)
+
+
+def test_data_criteria_need_data_and_unknown_names_list_the_supported():
+    model = CASES["bert"].build("eager")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        hfprune.prune(model, None, hfprune.PruningConfig(criterion="fisher", macs_ratio=0.5))
+    with pytest.raises(ValueError, match="choose one of .*magnitude"):
+        hfprune.PruningConfig(criterion="l1", macs_ratio=0.5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({}, "give exactly one budget"),
+    ({"macs_ratio": 0.5, "params_ratio": 0.5}, "give exactly one budget"),
+    ({"macs_ratio": 0.0}, r"macs_ratio=0.0 must be in \(0, 1\]"),
+    ({"macs_ratio": 0.5, "scope": "per_layer"}, "scope='per_layer' works with head_ratio"),
+    ({"head_ratio": 0.5, "round_to": 0}, "round_to=0 must be >= 1"),
+    ({"head_ratio": 0.5, "normalize": "max"}, "normalize='max'"),
+])
+def test_config_errors_name_the_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        hfprune.PruningConfig(criterion="magnitude", **kwargs)
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+@pytest.mark.parametrize("budget", [{"macs_ratio": 0.5}, {"params_ratio": 0.8}])
+def test_prune_meets_the_budget(model_type, budget):
+    case = CASES[model_type]
+    model = case.build("eager")
+    config = hfprune.PruningConfig(criterion="taylor", seq_len=8, **budget)
+    result = hfprune.prune(model, [case.inputs(0)], config)
+    if "macs_ratio" in budget:
+        assert result.after.macs <= 0.5 * result.before.macs
+        assert result.after.macs >= 0.3 * result.before.macs  # the greedy fill uses most of the budget
+    else:
+        assert result.after.params <= 0.8 * result.before.params
+    assert result.after.params == sum(p.numel() for p in model.parameters())
+    assert "params" in result.table() and result.model is model
+
+
+def test_per_layer_ratios_keep_the_same_share_everywhere():
+    case = CASES["bert"]
+    model = case.build("eager")
+    result = hfprune.prune(model, None, hfprune.PruningConfig(criterion="magnitude", head_ratio=0.5, ffn_ratio=0.5))
+    for layer in result.plan.layers:
+        assert len(layer.get("heads")) == 2 and len(layer.get("ffn")) == 18
