@@ -38,7 +38,8 @@ class PruningConfig:
     normalize: str = field(default="auto", metadata={
         "help": f"score normalisation across layers, one of {NORMALIZE}; auto: per layer for magnitude and "
                 "activation, none for gradient criteria (their scores already share a scale)"})
-    min_heads: int = field(default=0, metadata={"help": "heads kept in every layer at least (0: a layer may lose its attention)"})
+    min_heads: int = field(default=0, metadata={
+        "help": "heads kept in every layer at least (0: a layer may lose its attention)"})
     round_to: int = field(default=1, metadata={"help": "keep FFN neurons in multiples of this (e.g. 8)"})
     seed: int = field(default=0, metadata={"help": "seed for the random criterion"})
 
@@ -54,13 +55,17 @@ class PruningConfig:
         given = [n for n, v in budgets.items() if v is not None]
         kinds = {"macs" if n == "macs_ratio" else "params" if n == "params_ratio" else "ratio" for n in given}
         if len(kinds) != 1:
-            raise ValueError(f"give exactly one budget: macs_ratio, params_ratio, or head_ratio/ffn_ratio; got {given or 'none'}")
+            raise ValueError(
+                f"give exactly one budget: macs_ratio, params_ratio, or head_ratio/ffn_ratio; got {given or 'none'}"
+            )
         if kinds == {"ratio"} and self.scope == "global":
             self.scope = "per_layer"  # keep ratios are a per-layer notion
         if self.scope not in SCOPES:
             raise ValueError(f"scope={self.scope!r}; choose one of {SCOPES}")
         if self.scope == "per_layer" and kinds != {"ratio"}:
-            raise ValueError("scope='per_layer' works with head_ratio/ffn_ratio; MACs and parameter budgets rank globally")
+            raise ValueError(
+                "scope='per_layer' works with head_ratio/ffn_ratio; MACs and parameter budgets rank globally"
+            )
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize={self.normalize!r}; choose one of {NORMALIZE}")
         if self.seq_len < 1:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .arch import get_adapter
 from .apply import as_plan, unwrap
+from .arch import get_adapter
 from .structure import EmptyAttention, EmptyFfn, attention_dims, get_module, in_features, out_features
 
 

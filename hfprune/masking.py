@@ -14,9 +14,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .apply import as_plan, model_dims, unwrap
 from .arch import get_adapter
 from .plan import ATTENTION_BLOCKS, PrunePlan
-from .apply import as_plan, model_dims, unwrap
 from .structure import attention_dims, get_module
 
 

@@ -7,15 +7,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from . import cost, select
+from .apply import apply_plan, model_dims, unwrap
 from .arch import get_adapter
 from .config import PruningConfig
 from .importance import get_importance
 from .plan import PrunePlan
-from .apply import apply_plan, model_dims, unwrap
 from .structure import attention_dims, get_module, in_features, out_features
 
 

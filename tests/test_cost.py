@@ -7,8 +7,8 @@ import torch
 import transformers as T
 
 import hfprune
-from hfprune.cost import estimate
 from hfprune.apply import model_dims
+from hfprune.cost import estimate
 
 from .cases import CASES, random_plan
 

@@ -18,9 +18,9 @@ peft = pytest.importorskip("peft")
 import transformers  # noqa: E402
 
 import hfprune  # noqa: E402
+from hfprune.apply import unwrap  # noqa: E402
 from hfprune.arch import get_adapter  # noqa: E402
 from hfprune.masking import masked  # noqa: E402
-from hfprune.apply import unwrap  # noqa: E402
 from hfprune.structure import EmptyAttention, get_module  # noqa: E402
 
 from .cases import CASES, random_plan  # noqa: E402

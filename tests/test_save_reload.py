@@ -25,9 +25,9 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 import hfprune
+from hfprune.apply import model_dims
 from hfprune.modeling import save as save_module
 from hfprune.modeling.classes import original_class
-from hfprune.apply import model_dims
 
 from .cases import CASES, random_plan
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ..arch import get_adapter
 from ..apply import unwrap
+from ..arch import get_adapter
 from ..structure import attention_dims, get_module
 from .base import Importance, iterate, reduce_across_processes, register_importance, to_device
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..masking import Masks
 from ..apply import unwrap
+from ..masking import Masks
 from .base import Importance, calibration_loss, iterate, reduce_across_processes, register_importance, to_device
 
 

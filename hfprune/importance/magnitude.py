@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..arch import get_adapter
 from ..apply import unwrap
+from ..arch import get_adapter
 from ..structure import _base_layer, _is_conv1d, attention_dims, get_module
 from .base import Importance, register_importance
 
