@@ -8,8 +8,16 @@ import torch
 
 from ..apply import unwrap
 from ..arch import get_adapter
-from ..structure import attention_dims, get_module
-from .base import Importance, iterate, reduce_across_processes, register_importance, to_device
+from ..structure import attention_dims, get_module, in_features
+from .base import (
+    Importance,
+    iterate,
+    reduce_across_processes,
+    register_importance,
+    require_data,
+    to_device,
+    zero_scores,
+)
 
 
 @register_importance
@@ -17,8 +25,7 @@ class ActivationImportance(Importance):
     name = "activation"
 
     def score(self, model, batches=None) -> dict:
-        if batches is None:
-            raise ValueError("the 'activation' criterion needs calibration data")
+        require_data(self.name, batches)
         model = unwrap(model)
         spec = get_adapter(model).arch_spec(model.config)
         device = next(model.parameters()).device
@@ -41,7 +48,8 @@ class ActivationImportance(Importance):
                         watch(get_module(layer, attn.o), (key, i, name), heads)
                 for name, ffn in stack.ffn.items():
                     down = get_module(layer, ffn.down)
-                    watch(down, (key, i, name), getattr(down, "in_features", None) or _width(down))
+                    if in_features(down):  # an emptied FFN has nothing to watch
+                        watch(down, (key, i, name), in_features(down))
         try:
             with torch.no_grad():
                 for batch in iterate(batches, "activation"):
@@ -51,11 +59,6 @@ class ActivationImportance(Importance):
                 h.remove()
         if not sums:
             raise ValueError("the calibration data is empty")
-        scores = {k: sums[k] / counts[k] for k in sums}
+        scores = {k: sums.get(k, z) / max(counts.get(k, 1), 1) for k, z in zero_scores(model).items()}
         return reduce_across_processes(scores)
 
-
-def _width(module) -> int:
-    from ..structure import in_features
-
-    return in_features(module)

@@ -41,6 +41,11 @@ def get_importance(name: str, **kwargs) -> Importance:
     return _REGISTRY[name](**kwargs)
 
 
+def require_data(name: str, batches) -> None:
+    if batches is None:
+        raise ValueError(f"the {name!r} criterion needs calibration data")
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

@@ -11,7 +11,15 @@ import torch
 
 from ..apply import unwrap
 from ..masking import Masks
-from .base import Importance, calibration_loss, iterate, reduce_across_processes, register_importance, to_device
+from .base import (
+    Importance,
+    calibration_loss,
+    iterate,
+    reduce_across_processes,
+    register_importance,
+    require_data,
+    to_device,
+)
 
 
 @register_importance
@@ -19,8 +27,7 @@ class FisherImportance(Importance):
     name = "fisher"
 
     def score(self, model, batches=None) -> dict:
-        if batches is None:
-            raise ValueError("the 'fisher' criterion needs calibration data")
+        require_data(self.name, batches)
         model = unwrap(model)
         device = next(model.parameters()).device
         masks = Masks(model)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 
 from ..apply import unwrap
-from .base import Importance, calibration_loss, iterate, reduce_across_processes, register_importance, to_device
+from .base import (
+    Importance,
+    calibration_loss,
+    iterate,
+    reduce_across_processes,
+    register_importance,
+    require_data,
+    to_device,
+)
 from .magnitude import head_and_neuron_terms, weight_rows
 
 
@@ -15,8 +23,7 @@ class TaylorImportance(Importance):
     name = "taylor"
 
     def score(self, model, batches=None) -> dict:
-        if batches is None:
-            raise ValueError("the 'taylor' criterion needs calibration data")
+        require_data(self.name, batches)
         model = unwrap(model)
         device = next(model.parameters()).device
         saved = {n: (p.requires_grad, p.grad) for n, p in model.named_parameters()}
