@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PYTHON) -m pip install "$(TORCH)"
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,bench]"
 	PYTHON=$(PYTHON) bash benchmarks/install_assets.sh
 
 test:
