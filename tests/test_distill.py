@@ -2,8 +2,6 @@
 gradient accumulation, teacher handling, projections and checkpoints."""
 
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -197,19 +195,34 @@ def test_regression_heads_use_mse_to_the_teacher(tmp_path):
     assert float(trainer.compute_loss(student, inputs)) == pytest.approx(float(((s - t) ** 2).mean()), rel=1e-5)
 
 
-def test_outputs_without_logits_go_to_the_forecast_loss(tmp_path, monkeypatch):
-    calls = []
+@pytest.mark.parametrize("distribution", ["normal", "student_t"])
+def test_forecasting_heads_use_the_forecast_loss_of_their_distribution(tmp_path, distribution):
+    # Outputs without logits go to hfprune.forecast; a 2-parameter Normal head is only readable with its kind,
+    # which the trainer must take from the config.
+    from transformers import TimeSeriesTransformerConfig, TimeSeriesTransformerForPrediction
 
-    def fake(student_out, teacher_out, batch):
-        calls.append(batch)
-        return (student_out.prediction - teacher_out.prediction).pow(2).mean()
+    from hfprune.forecast import forecast_distill_loss
 
-    monkeypatch.setitem(sys.modules, "hfprune.forecast", types.SimpleNamespace(forecast_distill_loss=fake))
-    trainer = trainer_for(tmp_path, tiny_bert(0), tiny_bert(1), DistillationConfig(alpha=1.0))
-    s = types.SimpleNamespace(prediction=torch.ones(2, 3))
-    t = types.SimpleNamespace(prediction=torch.zeros(2, 3))
-    got = trainer._logits_term(s, t, {"past_values": torch.zeros(2, 5)}, None, 2.0, -1.0, 2.0)
-    assert calls and float(got) == pytest.approx(1.0)
+    def tst(seed):
+        torch.manual_seed(seed)
+        return TimeSeriesTransformerForPrediction(TimeSeriesTransformerConfig(
+            prediction_length=4, context_length=6, lags_sequence=[1, 2], num_time_features=1, d_model=8,
+            encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=8, decoder_ffn_dim=8, distribution_output=distribution)).eval()
+
+    student, teacher = tst(0), tst(1)
+    g = torch.Generator().manual_seed(0)
+    batch = {"past_values": torch.rand(3, 8, generator=g) + 1, "past_observed_mask": torch.ones(3, 8),
+             "past_time_features": torch.randn(3, 8, 1, generator=g),
+             "future_values": torch.rand(3, 4, generator=g) + 1,
+             "future_time_features": torch.randn(3, 4, 1, generator=g)}
+    trainer = trainer_for(tmp_path, student, teacher, DistillationConfig(alpha=1.0))
+    torch.manual_seed(0)
+    got = trainer.compute_loss(student, dict(batch)).detach()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        want = forecast_distill_loss(student(**batch), teacher(**batch), batch, distribution=distribution)
+    assert torch.isfinite(got) and float(got) == pytest.approx(float(want), rel=1e-4)
 
 
 def test_teacher_dtype_option(tmp_path):

@@ -202,9 +202,11 @@ class DistillationTrainer(Trainer):
         cfg = self.distill_config
         logits = getattr(outputs, "logits", None)
         if logits is None:  # forecasting heads: their own distillation loss (a mean over this micro-batch)
-            from ..forecast import forecast_distill_loss
+            from ..forecast import distribution_kind, forecast_distill_loss
 
-            return forecast_distill_loss(outputs, t_out, inputs) * (l_ex / max(n_ex, 1e-12))
+            # The head's distribution family, read from the config: a 2-parameter output alone is ambiguous.
+            kind = distribution_kind(unwrap(self.model))
+            return forecast_distill_loss(outputs, t_out, inputs, distribution=kind) * (l_ex / max(n_ex, 1e-12))
         t_logits = t_out.logits.to(logits.device)
         problem = getattr(getattr(unwrap(self.model), "config", None), "problem_type", None)
         if problem == "regression" or (problem is None and logits.dim() == 2 and logits.shape[-1] == 1):
