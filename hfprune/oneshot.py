@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import cost, select
+from . import cost, recovery, select
 from .apply import apply_plan, model_dims, unwrap
 from .arch import get_adapter
 from .config import PruningConfig
 from .importance import get_importance
-from .plan import PrunePlan
+from .importance.base import calibration_batches
+from .latency import LatencyTable
+from .plan import PlanError, PrunePlan
 from .structure import attention_dims, get_module, in_features, out_features
 
 
@@ -28,6 +30,9 @@ class PruneResult:
     after: cost.CostReport
     seconds: float
     scores: dict
+    recovery: str = "none"
+    scales: dict | None = None  # block key -> fitted output scales of its kept units (mask tuning)
+    latency: LatencyTable | None = None
 
     def table(self) -> str:
         b, a = self.before, self.after
@@ -35,7 +40,8 @@ class PruneResult:
             f"{'':<10}{'before':>16}{'after':>16}{'ratio':>8}",
             f"{'params':<10}{b.params:>16,}{a.params:>16,}{a.params / b.params:>8.3f}",
             f"{'MACs':<10}{b.macs:>16,}{a.macs:>16,}{a.macs / b.macs:>8.3f}",
-            f"(MACs of the transformer layers at seq_len {b.seq_len}; pruned in {self.seconds:.1f} s)",
+            f"(MACs of the transformer layers at seq_len {b.seq_len}; pruned in {self.seconds:.1f} s; "
+            f"recovery: {self.recovery})",
             "",
             a.table(),
         ]
@@ -45,8 +51,9 @@ class PruneResult:
         return self.table()
 
 
-def blocks_for(model: nn.Module, scores: dict, config: PruningConfig) -> list:
-    """Selection blocks with per-unit costs in the budget's currency (MACs, or parameters)."""
+def blocks_for(model: nn.Module, scores: dict, config: PruningConfig, latency: LatencyTable | None = None) -> list:
+    """Selection blocks with per-unit costs in the budget's currency (MACs, parameters or seconds: the slope of
+    each block's fitted latency line, per head or neuron)."""
     model = unwrap(model)
     spec = get_adapter(model).arch_spec(model.config)
     by_params = config.params_ratio is not None
@@ -65,46 +72,99 @@ def blocks_for(model: nn.Module, scores: dict, config: PruningConfig) -> list:
                 if attn.fused_qkv:  # every head carries its own k and v
                     per_token, kv = per_token + kv, 0
                 unit = per_token if by_params else t * per_token + 2 * hd * t * t
+                kv = kv if by_params else t * kv
+                if latency is not None:  # measured per kept head, key/value cost and overhead shared out
+                    entry = latency.entries[(key, i, name)]
+                    unit, kv = entry.slope + entry.intercept / heads, 0.0
                 out.append(select.Block((key, i, name), scores[(key, i, name)], float(unit), heads // kv_heads,
-                                        float(kv if by_params else t * kv)))
+                                        float(kv)))
             for name, ffn in stack.ffn.items():
                 down = get_module(layer, ffn.down)
                 per_token = sum(in_features(get_module(layer, p)) for p in ffn.up) + out_features(down)
                 if in_features(down) == 0:
                     continue
-                out.append(select.Block((key, i, name), scores[(key, i, name)],
-                                        float(per_token if by_params else t * per_token)))
+                unit = per_token if by_params else t * per_token
+                if latency is not None:
+                    entry = latency.entries[(key, i, name)]
+                    unit = entry.slope + entry.intercept / in_features(down)
+                out.append(select.Block((key, i, name), scores[(key, i, name)], float(unit)))
     return out
 
 
-def plan_from_scores(model: nn.Module, scores: dict, config: PruningConfig) -> PrunePlan:
+def plan_from_scores(model: nn.Module, scores: dict, config: PruningConfig,
+                     latency: LatencyTable | None = None) -> PrunePlan:
     """Turn importance scores into a plan under ``config``'s budget and constraints (no data needed)."""
     model = unwrap(model)
-    blocks = blocks_for(model, scores, config)
-    normalize = config.normalize
-    if normalize == "auto":
-        normalize = "layer" if config.criterion in ("magnitude", "activation") else "none"
-    if normalize == "layer":
-        blocks = select.normalize(blocks)
-    if config.scope == "per_layer":
-        kept = select.select_per_layer(blocks, config.head_ratio, config.ffn_ratio, config.min_heads, config.round_to)
-    else:
-        dense = cost.estimate(model, seq_len=config.seq_len)
-        if config.params_ratio is not None:
-            total, budget = dense.params, config.params_ratio * dense.params
-        else:
-            total, budget = dense.macs, config.macs_ratio * dense.macs
-        prunable = sum(b.unit_cost * len(b.scores) + b.kv_unit_cost * len(b.scores) // b.group for b in blocks)
-        kept = select.select_global(blocks, budget, fixed_cost=total - prunable, min_heads=config.min_heads,
-                                    round_to=config.round_to)
+    kept, _ = select_kept(model, scores, config, latency)
     return select.to_plan(kept, model_dims(model), model.config.model_type)
 
 
-def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig) -> PruneResult:
-    """Score, select and physically prune ``model`` in place; returns a :class:`PruneResult`.
+def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: LatencyTable | None = None) -> tuple:
+    """``({block key: kept indices}, selection blocks)`` under ``config``'s budget; a latency budget needs
+    ``latency`` (a table measured for this model)."""
+    model = unwrap(model)
+    kind = config.budget_kind
+    if kind == "latency" and latency is None:
+        raise ValueError("a latency_ratio budget needs a latency table (hfprune.latency.measure(model))")
+    blocks = blocks_for(model, scores, config, latency if kind == "latency" else None)
+    normalize = config.normalize
+    if normalize == "auto":
+        normalize = "layer" if config.criterion in ("magnitude", "activation", "random") else "none"
+    if normalize == "layer":
+        blocks = select.normalize(blocks)
+    if kind == "ratio":
+        kept = select.select_per_layer(blocks, config.head_ratio, config.ffn_ratio, config.min_heads,
+                                       config.round_to)
+        return kept, blocks
+    choose = select.select_uniform if config.scope == "uniform" else select.select_global
+    if kind == "latency":
+        return _select_latency(blocks, choose, config, latency), blocks
+    else:
+        dense = cost.estimate(model, seq_len=config.seq_len)
+        total = dense.params if kind == "params" else dense.macs
+        budget = getattr(config, f"{kind}_ratio") * total
+        fixed = total - sum(b.unit_cost * len(b.scores) + b.kv_unit_cost * len(b.scores) // b.group for b in blocks)
+    kept = choose(blocks, budget, fixed_cost=fixed, min_heads=config.min_heads, round_to=config.round_to)
+    return kept, blocks
 
-    ``calibration`` is an iterable of model-ready batches (a DataLoader or a list of dicts); criteria that
-    need no data (magnitude, random) accept ``None``.
+
+def _select_latency(blocks: list, choose, config: PruningConfig, latency: LatencyTable) -> dict:
+    """Selection under a latency budget. Unit costs share each block's fixed overhead out over its units, which
+    underestimates a partly kept block; so the budget handed to selection is bisected down until the table's
+    prediction for the chosen plan (overhead counted for every block that keeps anything) fits."""
+    target = config.latency_ratio * latency.dense()
+
+    def attempt(budget):
+        try:
+            kept = choose(blocks, budget, min_heads=config.min_heads, round_to=config.round_to)
+        except PlanError:
+            return None
+        return kept if latency.predict({k: len(v) for k, v in kept.items()}) <= target else None
+
+    best = attempt(target)
+    lo, hi = 0.0, target
+    for _ in range(30 if best is None else 0):
+        mid = (lo + hi) / 2
+        kept = attempt(mid)
+        if kept is None:
+            hi = mid
+        else:
+            best, lo = kept, mid
+    if best is None:
+        raise PlanError(f"the latency budget {target:.4g} s ({config.latency_ratio:.0%} of the dense layers' "
+                        f"predicted {latency.dense():.4g} s) cannot be met with min_heads={config.min_heads}")
+    return best
+
+
+def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig, *, tokenizer=None,
+          latency_table: LatencyTable | None = None) -> PruneResult:
+    """Score, select, recover and physically prune ``model`` in place; returns a :class:`PruneResult`.
+
+    ``calibration`` is a DataLoader, a list of model-ready batches, or a tokenised ``datasets.Dataset``
+    (batched by ``config.calibration_batch_size``, padded with ``DataCollatorWithPadding(tokenizer)`` when a
+    tokenizer is given). Criteria that need no data (magnitude, random) accept ``None`` (then no recovery runs).
+    A ``latency_ratio`` budget uses ``latency_table``, or measures one on the model's device
+    (:func:`hfprune.latency.measure` at ``config.latency_batch_size`` x ``config.seq_len``).
 
     Example:
 
@@ -120,15 +180,37 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig)
     """
     start = time.perf_counter()
     target = unwrap(model)
-    criterion = get_importance(config.criterion, **({"seed": config.seed} if config.criterion == "random" else {}))
-    if criterion.needs_data and calibration is None:
-        raise ValueError(f"criterion {config.criterion!r} needs calibration data; pass batches or use 'magnitude'")
+    mode = config.resolved_recovery
+    kwargs = {"seed": config.seed} if config.criterion == "random" else {}
+    if config.criterion == "fisher":
+        kwargs["keep_blocks"] = mode in ("rearrange", "full")
+    criterion = get_importance(config.criterion, **kwargs)
+    if calibration is None and (criterion.needs_data or config.recovery not in ("auto", "none")):
+        raise ValueError(f"criterion {config.criterion!r} with recovery {config.recovery!r} needs calibration data; "
+                         "pass batches or use 'magnitude' with recovery='none'")
+    if calibration is None:
+        mode = "none"
+    else:
+        calibration = calibration_batches(calibration, config.calibration_batch_size, tokenizer)
+        if iter(calibration) is calibration:  # a one-shot iterator: scoring and recovery both read it
+            calibration = list(calibration)
+    if config.budget_kind == "latency" and latency_table is None:
+        from .latency import measure
+
+        latency_table = measure(target, config.latency_batch_size, config.seq_len)
     was_training = target.training
     target.eval()
     scores = criterion.score(target, calibration)
-    plan = plan_from_scores(target, scores, config)
+    kept, blocks = select_kept(target, scores, config, latency_table)
+    if mode in ("rearrange", "full"):
+        kept = recovery.rearrange_kept(kept, criterion.blocks, {b.key: b.group for b in blocks})
+    scales = None
+    if mode in ("lstsq", "full"):
+        scales = recovery.tune_scales(target, kept, calibration, max_examples=config.recovery_examples)
+    plan = select.to_plan(kept, model_dims(target), target.config.model_type)
     before = cost.estimate(target, seq_len=config.seq_len)
     apply_plan(model, plan)
     target.train(was_training)
     after = cost.estimate(target, seq_len=config.seq_len)
-    return PruneResult(plan, model, before, after, time.perf_counter() - start, scores)
+    return PruneResult(plan, model, before, after, time.perf_counter() - start, scores, mode, scales,
+                       latency_table)

@@ -57,12 +57,20 @@ def units(block: Block, round_to: int = 1) -> list:
 
 
 def normalize(blocks: list) -> list:
-    """Scale each block's scores to unit mean, so layers with larger raw scores do not win by scale."""
+    """Scale each block's scores so their mean equals the block's cost per head or neuron.
+
+    For criteria whose raw scores are not on a common scale (weight norms, activations, random draws), the
+    global ranking by score per cost then compares each unit's score relative to its own block's mean: neither a
+    layer with larger raw scores nor the cheaper kind of unit wins by scale. (Scaling to unit mean alone would
+    rank a head, which costs as much as dozens of neurons, like one neuron: whole attention blocks went first.)
+    """
     out = []
     for b in blocks:
         mean = b.scores.float().mean() if b.scores.numel() else torch.tensor(1.0)
         scale = mean if mean > 0 else torch.tensor(1.0)
-        out.append(Block(b.key, b.scores.float() / scale, b.unit_cost, b.group, b.kv_unit_cost))
+        per_unit = b.unit_cost + b.kv_unit_cost / b.group
+        per_unit = per_unit if per_unit > 0 else 1.0
+        out.append(Block(b.key, b.scores.float() / scale * per_unit, b.unit_cost, b.group, b.kv_unit_cost))
     return out
 
 
@@ -118,6 +126,53 @@ def select_per_layer(blocks: list, head_ratio: float | None, ffn_ratio: float | 
             count = min(n, round_to * round(ratio * n / round_to))
             chosen = units(b, 1)[:count]
         kept[b.key] = sorted(i for u in chosen for i in u.indices)
+    return kept
+
+
+def select_uniform(blocks: list, budget: float, fixed_cost: float = 0.0, min_heads: int = 0,
+                   round_to: int = 1) -> dict:
+    """The same number of kept key/value groups in every attention block and of kept neurons in every FFN block,
+    chosen to keep the most total score within ``fixed_cost + kept cost <= budget``; per block, the best-scored
+    units are the ones kept.
+
+    Every count of groups is tried (there are few); for each, the FFN width is the largest multiple of
+    ``round_to`` (or the full width) that fits, since scores are non-negative and more neurons never score less.
+    All attention blocks must have the same heads and group size, and all FFN blocks the same width.
+    """
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}")
+    att = [b for b in blocks if b.is_attention]
+    ffn = [b for b in blocks if not b.is_attention]
+    for kind, bs, shape in (("attention", att, lambda b: (len(b.scores), b.group)), ("FFN", ffn,
+                                                                                     lambda b: len(b.scores))):
+        shapes = {shape(b) for b in bs}
+        if len(shapes) > 1:
+            raise PlanError(f"scope='uniform' needs the same {kind} size in every layer, found {sorted(shapes)}")
+    n_groups = len(att[0].scores) // att[0].group if att else 0
+    group = att[0].group if att else 1
+    width = len(ffn[0].scores) if ffn else 0
+    att_units = [units(b) for b in att]
+    ffn_sorted = [torch.sort(b.scores.float(), descending=True, stable=True) for b in ffn]
+    ffn_prefix = [torch.cat([torch.zeros(1), v.cumsum(0)]) for v, _ in ffn_sorted]
+    per_neuron = sum(b.unit_cost for b in ffn)
+    best = None
+    for g in range(math.ceil(min(min_heads, n_groups * group) / group), n_groups + 1):
+        spent = fixed_cost + sum(sum(u.cost for u in us[:g]) for us in att_units)
+        room = budget - spent
+        if room < 0:
+            break  # more groups only cost more
+        n = width if per_neuron == 0 else min(width, int(room // per_neuron + 1e-9))
+        if n < width:
+            n = round_to * (n // round_to)
+        score = sum(sum(u.score for u in us[:g]) for us in att_units) + sum(float(p[n]) for p in ffn_prefix)
+        if best is None or score > best[0]:
+            best = (score, g, n)
+    if best is None:
+        raise PlanError(f"the budget {budget:,.0f} cannot be met with the same structure in every layer: the fixed "
+                        f"cost and the minimum of {min_heads} head(s) per layer already exceed it")
+    _, g, n = best
+    kept = {b.key: sorted(i for u in us[:g] for i in u.indices) for b, us in zip(att, att_units)}
+    kept |= {b.key: sorted(order[:n].tolist()) for b, (_, order) in zip(ffn, ffn_sorted)}
     return kept
 
 

@@ -97,3 +97,77 @@ def test_per_layer_ratios_keep_the_same_share_everywhere():
     result = hfprune.prune(model, None, hfprune.PruningConfig(criterion="magnitude", head_ratio=0.5, ffn_ratio=0.5))
     for layer in result.plan.layers:
         assert len(layer.get("heads")) == 2 and len(layer.get("ffn")) == 18
+
+
+def _token_dataset(equal: bool):
+    import datasets
+
+    rows = [CASES["bert"].inputs(s) for s in range(3)]
+    ids = [r["input_ids"][j].tolist() for r in rows for j in range(2)]
+    if not equal:
+        ids = [x[: 4 + i % 3] for i, x in enumerate(ids)]
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids],
+                                       "label": [i % 3 for i in range(len(ids))], "text": ["a"] * len(ids)})
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_calibration_from_a_dataset(equal):
+    from hfprune.importance.base import calibration_batches
+
+    data = _token_dataset(equal)
+    batches = calibration_batches(data, batch_size=4)
+    assert [len(b["input_ids"]) for b in batches] == [4, 2] and "text" not in batches[0]
+    assert batches[0]["labels"].tolist() == [0, 1, 2, 0]
+    if not equal:  # padded with 0 and masked out
+        assert batches[0]["input_ids"].shape == (4, 6) and batches[0]["attention_mask"][0].tolist()[-2:] == [0, 0]
+    model = CASES["bert"].build("eager")
+    config = hfprune.PruningConfig(criterion="fisher", macs_ratio=0.5, seq_len=8, calibration_batch_size=4)
+    result = hfprune.prune(model, data, config)
+    assert result.after.macs <= 0.5 * result.before.macs
+
+
+def test_unequal_rows_without_a_mask_or_tokenizer_are_refused():
+    import datasets
+
+    from hfprune.importance.base import calibration_batches
+
+    data = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [5, 6]]})
+    with pytest.raises(ValueError, match="pass a tokenizer"):
+        calibration_batches(data, batch_size=2)
+
+
+def test_uniform_llama_is_a_plain_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    case = CASES["llama"]
+    model = case.build("eager").eval()
+    config = hfprune.PruningConfig(criterion="fisher", macs_ratio=0.6, seq_len=8, scope="uniform")
+    result = hfprune.prune(model, [case.inputs(0), case.inputs(1)], config)
+    assert result.after.macs <= 0.6 * result.before.macs
+    heads = {len(layer.get("heads") or range(4)) for layer in result.plan.layers}
+    neurons = {len(layer.get("ffn") or range(37)) for layer in result.plan.layers}
+    assert len(heads) == 1 and len(neurons) == 1 and (heads, neurons) != ({4}, {37})
+    assert model.config.num_attention_heads == heads.pop() and model.config.intermediate_size == neurons.pop()
+    assert all(len(layer.get("heads") or ()) % 2 == 0 for layer in result.plan.layers)  # whole KV groups
+    assert "hfprune" not in model.config.to_dict()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # stock class, no remote code
+    batch = case.inputs(1)
+    assert torch.allclose(reloaded(**batch).logits, model(**batch).logits, atol=1e-5)
+
+
+def test_batched_fisher_equals_the_per_example_loop(monkeypatch):
+    from hfprune.importance import fisher
+
+    case = CASES["bert"]
+    model = case.build("eager").eval()
+    batch = {**case.inputs(0), "labels": torch.tensor([0, 2])}
+    assert fisher._batched_gradients is not None
+    fast = fisher.FisherImportance(keep_blocks=True)
+    got = fast.score(model, [batch])
+    monkeypatch.setattr(fisher, "_batched_gradients", lambda *a: None)
+    slow = fisher.FisherImportance(keep_blocks=True)
+    want = slow.score(model, [batch])
+    for key in want:
+        assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-12)
+        assert torch.allclose(fast.blocks[key], slow.blocks[key], rtol=1e-4, atol=1e-12)

@@ -63,3 +63,45 @@ def test_to_plan_marks_whole_blocks_null():
     dims = {"layers": [{"heads": (4, 4), "ffn": (16,)}]}
     plan = to_plan({("layers", 0, "heads"): [0, 1, 2, 3], ("layers", 0, "ffn"): [1, 2]}, dims)
     assert plan.to_dict()["layers"] == [{"heads": None, "ffn": [1, 2]}]
+
+
+def test_uniform_keeps_the_same_counts_in_every_layer_within_budget():
+    from hfprune.select import select_uniform
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [Block(("layers", i, "heads"), torch.rand(4, generator=g), unit_cost=10.0) for i in range(2)]
+    blocks += [Block(("layers", i, "ffn"), torch.rand(16, generator=g), unit_cost=1.0) for i in range(2)]
+    kept = select_uniform(blocks, budget=60.0, round_to=4)
+    heads = {len(kept[("layers", i, "heads")]) for i in range(2)}
+    neurons = {len(kept[("layers", i, "ffn")]) for i in range(2)}
+    assert len(heads) == 1 and len(neurons) == 1 and neurons.pop() % 4 == 0
+    cost = sum(10 * len(kept[("layers", i, "heads")]) + len(kept[("layers", i, "ffn")]) for i in range(2))
+    assert 40 <= cost <= 60
+    for b in blocks:  # within each layer the best-scored units are the kept ones
+        k = kept[b.key]
+        assert set(k) == set(torch.argsort(b.scores, descending=True)[: len(k)].tolist())
+
+
+def test_uniform_with_gqa_groups_and_errors():
+    from hfprune.select import select_uniform
+
+    att = [Block(("layers", i, "heads"), torch.tensor([1.0, 1.0, 5.0, 0.0]), 1.0, group=2, kv_unit_cost=1.0)
+           for i in range(3)]
+    kept = select_uniform(att, budget=9.0)
+    assert all(kept[b.key] == [2, 3] for b in att)  # 3 blocks x one group (cost 3) = 9
+    with pytest.raises(PlanError, match="cannot be met"):
+        select_uniform(att, budget=5.0, min_heads=1)
+    mixed = att + [Block(("layers", 3, "heads"), torch.ones(6), 1.0, group=2)]
+    with pytest.raises(PlanError, match="same attention size"):
+        select_uniform(mixed, budget=100.0)
+
+
+def test_normalized_scores_rank_heads_and_neurons_by_their_share_of_their_block():
+    from hfprune.select import normalize
+
+    # the same spread of scores in both blocks: a 50% budget must cut heads and neurons alike, not drop the
+    # costly heads first
+    blocks = [Block(("layers", 0, "heads"), torch.tensor([3.0, 3.0, 1.0, 1.0]), unit_cost=40.0),
+              Block(("layers", 0, "ffn"), torch.tensor([3.0, 1.0]).repeat_interleave(80), unit_cost=1.0)]
+    kept = select_global(normalize(blocks), budget=160.0)
+    assert len(kept[("layers", 0, "heads")]) == 2 and len(kept[("layers", 0, "ffn")]) == 80

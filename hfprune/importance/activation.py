@@ -59,6 +59,9 @@ class ActivationImportance(Importance):
                 h.remove()
         if not sums:
             raise ValueError("the calibration data is empty")
-        scores = {k: sums.get(k, z) / max(counts.get(k, 1), 1) for k, z in zero_scores(model).items()}
-        return reduce_across_processes(scores)
+        # sums and counts are reduced separately: a mean of per-rank means is wrong when ranks see unequal data
+        zeros = zero_scores(model)
+        sums = reduce_across_processes({k: sums.get(k, z) + z for k, z in zeros.items()})
+        counts = reduce_across_processes({k: torch.tensor(float(counts.get(k, 0)), device=device) for k in zeros})
+        return {k: sums[k] / counts[k].clamp_min(1.0) for k in zeros}
 

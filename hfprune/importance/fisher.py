@@ -2,7 +2,9 @@
 """Fisher: squared gradients of head/neuron gates, accumulated over calibration batches (Kwon et al. 2022).
 
 Per example, ``(dL/dg)^2`` is the diagonal of the empirical Fisher information of the gate at g = 1;
-summed over the data it estimates the loss increase of removing that head or neuron.
+summed over the data it estimates the loss increase of removing that head or neuron. With
+``keep_blocks=True`` the criterion also keeps each block's full Fisher matrix ``sum_x g_x g_x^T`` (one
+``(n, n)`` matrix per attention or FFN block), which mask rearrangement (:mod:`hfprune.recovery`) needs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from .base import (
 class FisherImportance(Importance):
     name = "fisher"
 
+    def __init__(self, keep_blocks: bool = False):
+        self.keep_blocks = keep_blocks
+        self.blocks: dict = {}  # (stack, layer, block) -> (n, n) Fisher block, when keep_blocks
+
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)
         model = unwrap(model)
@@ -34,6 +40,8 @@ class FisherImportance(Importance):
         for gate in masks.gates.values():
             gate.requires_grad_(True)
         scores = {k: torch.zeros_like(g, requires_grad=False) for k, g in masks.gates.items()}
+        blocks = {k: torch.zeros(len(g), len(g), device=device) for k, g in masks.gates.items()} \
+            if self.keep_blocks else {}
         params = [p for p in model.parameters() if p.requires_grad]
         for p in params:  # only the gates need gradients here
             p.requires_grad_(False)
@@ -44,22 +52,107 @@ class FisherImportance(Importance):
                 batch = to_device(batch, device)
                 # per-example gradients: the Fisher is a sum of squares over examples, not of batch sums
                 size = _batch_size(batch)
+                rows: dict = {k: [] for k in blocks}
+                fast = _batched_gradients(model, batch, size, masks)
+                if fast is not None:  # one backward pass gave every example's gate gradients
+                    for key, g in fast.items():
+                        scores[key] += g.pow(2).sum(0)
+                        if key in blocks:
+                            blocks[key] += g.T @ g
+                    seen += size
+                    continue
                 for j in range(size):
                     one = {k: v[j : j + 1] if isinstance(v, torch.Tensor) and v.shape[:1] == (size,) else v
                            for k, v in batch.items()}
                     grads = torch.autograd.grad(calibration_loss(model, one), list(masks.gates.values()),
                                                 allow_unused=True)
                     for key, grad in zip(masks.gates, grads):
-                        if grad is not None:
-                            scores[key] += grad.detach().float().pow(2)
+                        grad = torch.zeros_like(scores[key]) if grad is None else grad.detach().float()
+                        scores[key] += grad.pow(2)
+                        if key in rows:
+                            rows[key].append(grad)
                     seen += 1
+                for key, grads in rows.items():
+                    g = torch.stack(grads)  # (examples, n)
+                    blocks[key] += g.T @ g
         finally:
             masks.remove()
+            for gate in masks.gates.values():
+                gate.requires_grad_(False)
             for p in params:
                 p.requires_grad_(True)
         if seen == 0:
             raise ValueError("the calibration data is empty")
+        self.blocks = reduce_across_processes(blocks)
         return reduce_across_processes(scores)
+
+
+def _batched_gradients(model, batch: dict, size: int, masks: Masks) -> dict | None:
+    """``{block key: (examples, n) gate gradients}`` from one forward/backward pass, or ``None`` where that is not
+    exact and the caller falls back to one pass per example.
+
+    Each example gets its own copy of the gates (a ``(B, n)`` leaf broadcast over its tokens), so the gradient
+    of the summed per-example losses with respect to row ``j`` is example ``j``'s gradient. Exact when examples do
+    not interact and the loss is a sum over examples: here, single-label classification logits ``(B, classes)``
+    (cross-entropy against the labels, or against the model's own predictions without labels), and activations
+    whose first dimension is the batch.
+    """
+    from ..structure import get_module
+
+    labels = batch.get("labels")
+    if labels is not None and (labels.shape != (size,) or labels.is_floating_point()):
+        return None
+    if getattr(model.config, "problem_type", None) not in (None, "single_label_classification"):
+        return None
+    spec = masks.spec
+    if any(a.gate_query or a.draws_rng for st in spec.stacks.values() for a in st.attention.values()):
+        return None
+    leaves, handles, ok = {}, [], [True]
+
+    def gate(module, key, n, width):
+        leaves[key] = torch.ones(size, n, device=masks.gates[key].device, requires_grad=True)
+
+        def pre_hook(_m, args, kwargs):
+            x = args[0] if args else kwargs["input"]
+            if x.shape[0] != size or x.shape[-1] != n * width:
+                ok[0] = False
+                return None
+            g = leaves[key].to(x.dtype).repeat_interleave(width, -1).view(size, *([1] * (x.dim() - 2)), -1)
+            return ((x * g,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "input": x * g})
+
+        handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+
+    from ..structure import attention_dims
+
+    for key, stack in spec.stacks.items():
+        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
+            for name, attn in stack.attention.items():
+                heads, _, hd = attention_dims(layer, attn)
+                if heads:
+                    gate(get_module(layer, attn.o), (key, i, name), heads, hd)
+            for name, ffn in stack.ffn.items():
+                n = len(masks.gates[(key, i, name)])
+                if n:
+                    gate(get_module(layer, ffn.down), (key, i, name), n, 1)
+    masks.remove()  # the shared gates would only scale by one here; the per-example leaves stand in for them
+    try:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits = getattr(model(**inputs), "logits", None)
+        if not ok[0] or logits is None or logits.shape[:1] != (size,) or logits.dim() != 2:
+            return None
+        target = labels if labels is not None else logits.detach().argmax(-1)
+        loss = torch.nn.functional.cross_entropy(logits.float(), target, reduction="sum")
+        keys = list(leaves)
+        grads = torch.autograd.grad(loss, [leaves[k] for k in keys], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+        masks.attach()
+    out = {k: torch.zeros(size, len(masks.gates[k]), device=logits.device) if g is None else g.detach().float()
+           for k, g in zip(keys, grads)}
+    for k, gate_ in masks.gates.items():
+        out.setdefault(k, torch.zeros(size, len(gate_), device=gate_.device))
+    return out
 
 
 def _batch_size(batch: dict) -> int:
