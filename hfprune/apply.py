@@ -154,7 +154,18 @@ def vanilla_updates(adapter: Adapter, model: nn.Module, total: PrunePlan) -> dic
                 if field_name is None:
                     return None
                 updates[field_name] = width[0]
+    if updates and not _config_accepts(model.config, updates):
+        return None  # e.g. LlamaConfig insists hidden_size % num_attention_heads == 0 even with head_dim set
     return updates
+
+
+def _config_accepts(config, updates: dict) -> bool:
+    """Whether the stock config class loads with ``updates``: a plain checkpoint it would reject is no use."""
+    try:
+        type(config).from_dict({**config.to_dict(), **updates})
+    except Exception:  # validation errors (huggingface_hub strict dataclasses) are not ValueErrors
+        return False
+    return True
 
 
 def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
