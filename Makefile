@@ -14,7 +14,7 @@ test:
 	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q tests
 
 demo:
-	$(PYTHON) examples/prune_minilm.py
+	$(PYTHON) -m hfprune run
 
 lint:
 	$(PYTHON) -m ruff check .
