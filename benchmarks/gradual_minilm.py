@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from hfprune.callback import PruningCallback  # noqa: E402
 from hfprune.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
 from hfprune.distill import DistillationConfig, DistillationTrainer  # noqa: E402
+from hfprune.latency import cpu_name  # noqa: E402
 from hfprune.schedule import ScheduleConfig  # noqa: E402
 
 MACS_RATIO = 0.33
@@ -142,7 +142,7 @@ def main() -> None:
         lines.append(f"| {k} | {100 * r['acc']:.2f}% | {100 * (r['acc'] - rows['teacher']['acc']):+.2f} | "
                      f"{c.macs / dense.macs:.3f} | {c.params:,} | {r['train_s'] / 60:.1f} min | {r.get('steps', '-')} "
                      f"| {1000 * lat[k]:.0f} ms | {lat['teacher'] / lat[k]:.2f}x |")
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+    machine = (f"{cpu_name()}, {os.cpu_count()} cores, torch threads "
                f"{torch.get_num_threads()}, torch {torch.__version__}, transformers {transformers.__version__}, "
                f"hfprune {hfprune.__version__}")
     text = "\n".join([

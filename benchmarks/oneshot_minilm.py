@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import hfprune  # noqa: E402
 from hfprune.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
+from hfprune.latency import cpu_name  # noqa: E402
 
 BUDGETS = (0.6, 0.5)
 ROWS = (  # (criterion, recovery)
@@ -149,14 +150,7 @@ def torch_pruning_peer(teacher: Path, calibration: list, macs_ratio: float, impo
 
 
 def machine() -> str:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     try:
         import torch_pruning as tp
 

@@ -41,6 +41,7 @@ from transformers import (  # noqa: E402
 import hfprune  # noqa: E402
 from hfprune.data.text import bbc_news, lm_blocks, smollm2_dir  # noqa: E402
 from hfprune.depth import block_influence, depth_plan, layer_param_counts  # noqa: E402
+from hfprune.latency import cpu_name  # noqa: E402
 from hfprune.perplexity import perplexity  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -169,12 +170,7 @@ def generation_speed(models: dict, prompts: torch.Tensor, new_tokens: int, round
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, Python "
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"peft {peft.__version__}, hfprune {hfprune.__version__}")
 

@@ -53,6 +53,7 @@ from hfprune.forecast import (  # noqa: E402
     point_forecast,
     seasonal_naive,
 )
+from hfprune.latency import cpu_name  # noqa: E402
 
 CONTEXT, HORIZON = VIC_ELEC["context_length"], VIC_ELEC["prediction_length"]
 SEASON, SEED = 48, 0
@@ -239,16 +240,9 @@ def run_model(name: str, data, quick: bool, rebuild: bool) -> list:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; torch {torch.__version__}, "
-            f"transformers {T.__version__}, hfprune {hfprune.__version__}, python {platform.python_version()}")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}; "
+            f"torch {torch.__version__}, transformers {T.__version__}, hfprune {hfprune.__version__}, "
+            f"python {platform.python_version()}")
 
 
 def table(rows: list) -> str:

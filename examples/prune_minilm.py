@@ -30,7 +30,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import copy
 import importlib.util
-import platform
 import random
 import statistics
 import sys
@@ -43,6 +42,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import hfprune
 from hfprune.cost import estimate
+from hfprune.latency import cpu_name
 
 KEEP = 0.5  # fraction of heads and of FFN neurons kept in every layer
 SEQ_LEN = 128
@@ -56,16 +56,6 @@ OUTPUTS = ROOT / "outputs"
 CACHE = Path(os.environ.get("HFPRUNE_CACHE", Path.home() / ".cache" / "hfprune"))
 MOVIE_FILE = CACHE / "vader" / "movieReviewSnippets_GroundTruth.txt"
 ASSETS_HINT = "run `bash benchmarks/install_assets.sh` (or `make install`) first"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_seconds() -> tuple | None:

@@ -219,4 +219,15 @@ def measure(model: nn.Module, batch_size: int = 32, seq_len: int = 128, points: 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{device.type}: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"{device.type}: {cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows: tables name the hardware they ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
