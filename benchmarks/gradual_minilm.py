@@ -1,18 +1,23 @@
 """Gradual pruning with distillation vs one-shot pruning + fine-tuning, on the MiniLM movie-review classifier.
 
-    flock /tmp/hfprune-bench.lock python benchmarks/gradual_minilm.py --minutes 8
+    flock /tmp/hfprune-bench.lock python benchmarks/gradual_minilm.py --minutes 6 --steps 300
 
-Both arms start from the dense fine-tuned teacher (hfprune.data.teachers.movie_review_teacher()), get the same
-wall-clock training budget per arm, and end at 33% of the encoder's MACs (seq 128):
+Both arms start from the dense fine-tuned teacher (hfprune.data.teachers.movie_review_teacher()) and end at 33% of
+the encoder's MACs (seq 128):
 - gradual: PruningCallback (fisher from training gradients, cubic schedule over the first 2/3 of the steps) while
-  DistillationTrainer distils from the dense teacher (KL, T=2, alpha=0.9 + hidden-state MSE);
-- one-shot: hfprune.prune (fisher on calibration batches) to the budget at once, then plain fine-tuning.
+  DistillationTrainer distils from the dense teacher (KL, T=2, alpha=0.9 + hidden-state MSE); stops at --steps or
+  --minutes, whichever comes first;
+- one-shot: hfprune.prune (fisher on calibration batches) to the budget at once, then plain fine-tuning, or the
+  same distillation as the gradual arm, for the same wall-clock time the gradual arm used (pruning and a 12-step
+  timing probe included). The step count is sized from the probe so that the learning-rate schedule runs to its
+  end inside that time (a time limit stops it if it runs over).
 Reports test accuracy vs the teacher, training time, and measured latency (batch 32 x 128, interleaved, median).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -39,7 +44,7 @@ from hfprune.callback import PruningCallback  # noqa: E402
 from hfprune.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
 from hfprune.distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hfprune.latency import cpu_name  # noqa: E402
+from hfprune.latency import cpu_name, time_models  # noqa: E402
 from hfprune.schedule import ScheduleConfig  # noqa: E402
 
 MACS_RATIO = 0.33
@@ -69,18 +74,31 @@ def accuracy(model, data, collator) -> float:
     return correct / len(data)
 
 
+class StepClock(TrainerCallback):
+    """Wall-clock seconds of the optimizer steps after the first ``skip`` (warm-up) ones."""
+
+    def __init__(self, skip: int = 2):
+        self.skip, self.times, self.last = skip, [], None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        if self.last is not None and state.global_step > self.skip:
+            self.times.append(now - self.last)
+        self.last = now
+
+
+def step_time(make_trainer, steps: int = 12) -> float:
+    """Median seconds per optimizer step of ``make_trainer(steps, callbacks)`` (a throwaway copy of the arm, run
+    for a few steps with the arm's own Trainer, so data loading, logging and the teacher are all counted)."""
+    clock = StepClock()
+    make_trainer(steps, [clock]).train()
+    return statistics.median(clock.times)
+
+
 def latency(models: dict, rounds: int = 7) -> dict:
+    """Median seconds per forward at batch 32 x 128 (hfprune.latency.time_models: interleaved)."""
     x = {"input_ids": torch.randint(1000, 2000, (32, 128)), "attention_mask": torch.ones(32, 128, dtype=torch.long)}
-    times = {k: [] for k in models}
-    with torch.no_grad():
-        for m in models.values():
-            m.eval()(**x)  # warm-up
-        for _ in range(rounds):  # interleaved, so load changes hit every model alike
-            for k, m in models.items():
-                t = time.perf_counter()
-                m(**x)
-                times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) / 1000 for k, v in time_models(models, x, rounds, warmup=1).items()}
 
 
 def main() -> None:
@@ -99,8 +117,8 @@ def main() -> None:
     dense = estimate(teacher, seq_len=128)
     rows = {"teacher": {"acc": accuracy(teacher, data["test"], collator), "train_s": 0.0, "model": teacher}}
 
-    def targs(name):
-        return TrainingArguments(f"/tmp/hfprune-gradual/{name}", max_steps=a.steps, learning_rate=5e-5,
+    def targs(name, steps):
+        return TrainingArguments(f"/tmp/hfprune-gradual/{name}", max_steps=steps, learning_rate=5e-5,
                                  per_device_train_batch_size=32, warmup_steps=0.05, weight_decay=0.01, seed=0,
                                  save_strategy="no", report_to=[], logging_steps=25, use_cpu=True,
                                  disable_tqdm=True)
@@ -110,7 +128,7 @@ def main() -> None:
     end = int(a.steps * 2 / 3)
     cb = PruningCallback(PruningConfig(criterion="fisher", macs_ratio=MACS_RATIO),
                          ScheduleConfig(kind="gradual", start_step=0, end_step=end, every=max(1, end // 12)))
-    trainer = DistillationTrainer(model=student, args=targs("gradual"), train_dataset=data["train"],
+    trainer = DistillationTrainer(model=student, args=targs("gradual", a.steps), train_dataset=data["train"],
                                   data_collator=collator, teacher=teacher, callbacks=[cb, TimeLimit(a.minutes * 60)],
                                   distill_config=DistillationConfig(temperature=2.0, alpha=0.9, hidden_weight=1.0))
     t = time.perf_counter()
@@ -119,18 +137,29 @@ def main() -> None:
                                  "train_s": time.perf_counter() - t, "model": student,
                                  "steps": trainer.state.global_step, "schedule_done": cb.events_done[-1:] == [end]}
 
-    # one-shot + plain fine-tuning for the same time
-    oneshot = load()
+    # one-shot, then plain fine-tuning or distillation, for the same wall-clock time as the gradual arm
+    budget_s = rows["gradual + distill"]["train_s"]
     cal = [collator([data["train"][i] for i in range(j, j + 32)]) for j in range(0, 256, 32)]
-    t = time.perf_counter()
-    hfprune.prune(oneshot, [{k: v for k, v in b.items()} for b in cal],
-                  PruningConfig(criterion="fisher", macs_ratio=MACS_RATIO))
-    ft = Trainer(model=oneshot, args=targs("oneshot"), train_dataset=data["train"], data_collator=collator,
-                 callbacks=[TimeLimit(a.minutes * 60)])
-    ft.train()
-    rows["one-shot + fine-tune"] = {"acc": accuracy(oneshot, data["test"], collator),
-                                    "train_s": time.perf_counter() - t, "model": oneshot,
-                                    "steps": ft.state.global_step}
+    for name, distil in (("one-shot + fine-tune", False), ("one-shot + distill", True)):
+        model = load()
+        t = time.perf_counter()
+        hfprune.prune(model, [{k: v for k, v in b.items()} for b in cal],
+                      PruningConfig(criterion="fisher", macs_ratio=MACS_RATIO))
+
+        def make(steps, callbacks, m=model, distil=distil, name=name):
+            common = dict(model=m, args=targs(name.replace(" ", ""), steps), train_dataset=data["train"],
+                          data_collator=collator, callbacks=callbacks)
+            if distil:
+                return DistillationTrainer(teacher=teacher, distill_config=DistillationConfig(
+                    temperature=2.0, alpha=0.9, hidden_weight=1.0), **common)
+            return Trainer(**common)
+
+        step_s = step_time(lambda steps, cbs, m=model: make(steps, cbs, m=copy.deepcopy(m)))
+        left_s = budget_s - (time.perf_counter() - t)
+        trainer = make(max(1, int(left_s / step_s)), [TimeLimit(left_s)])
+        trainer.train()
+        rows[name] = {"acc": accuracy(model, data["test"], collator), "train_s": time.perf_counter() - t,
+                      "model": model, "steps": trainer.state.global_step}
     lat = latency({k: r["model"] for k, r in rows.items()})
     lines = [
         "| model | test acc | vs teacher (points) | MACs / dense (seq 128) | params | train time | steps | "

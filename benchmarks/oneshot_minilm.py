@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 import hfprune  # noqa: E402
 from hfprune.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
-from hfprune.latency import cpu_name  # noqa: E402
+from hfprune.latency import cpu_name, time_models  # noqa: E402
 
 BUDGETS = (0.6, 0.5)
 ROWS = (  # (criterion, recovery)
@@ -84,19 +84,11 @@ def accuracy(model, batches) -> float:
 
 
 def latency(dense, pruned, rounds: int, batch: int = 32, seq: int = 128) -> tuple:
-    """Median seconds of dense and pruned at ``batch`` x ``seq``, timed alternately so load swings hit both."""
+    """Median seconds of dense and pruned at ``batch`` x ``seq`` (hfprune.latency.time_models: interleaved)."""
     ids = torch.randint(1000, 20000, (batch, seq), generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    times = {"dense": [], "pruned": []}
-    with torch.inference_mode():
-        dense(**inputs)
-        pruned(**inputs)
-        for _ in range(rounds):
-            for name, model in (("dense", dense), ("pruned", pruned)):
-                start = time.perf_counter()
-                model(**inputs)
-                times[name].append(time.perf_counter() - start)
-    return statistics.median(times["dense"]), statistics.median(times["pruned"])
+    times = time_models({"dense": dense, "pruned": pruned}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                        rounds, warmup=1)
+    return statistics.median(times["dense"]) / 1000, statistics.median(times["pruned"]) / 1000
 
 
 def reloads(model, batch) -> str:

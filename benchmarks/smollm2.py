@@ -55,10 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--test-blocks", type=int, default=48, help="test blocks (x block size tokens)")
     p.add_argument("--calibration-blocks", type=int, default=16)
     p.add_argument("--remove", type=float, default=0.2, help="fraction of transformer-block parameters to remove")
-    p.add_argument("--criteria", default="magnitude,taylor,fisher,fisher:rearrange,activation,random",
-                   help="comma-separated criterion[:recovery] (recovery as in PruningConfig; default none: mask "
-                        "tuning by least squares needs two partial forward passes per block and batch, too slow "
-                        "for this CPU budget)")
+    p.add_argument("--criteria", default="magnitude,taylor,fisher,fisher:rearrange,fisher:none+bias,"
+                                          "fisher:rearrange+bias,activation,activation:none+bias,random",
+                   help="comma-separated criterion[:recovery][+bias] (recovery as in PruningConfig, default none: "
+                        "mask tuning by least squares needs two partial forward passes per block and batch, too "
+                        "slow for this CPU budget; +bias: bias_compensation=True)")
+    p.add_argument("--global-criterion", default="fisher:rearrange+bias",
+                   help="one more width row with scope='global' (layers of different widths: a remote-code "
+                        "checkpoint), same syntax; empty to skip")
     p.add_argument("--recovery-steps", type=int, default=1000, help="cap; the time limit usually stops first")
     p.add_argument("--recovery-minutes", type=float, default=8.0, help="hard stop for LoRA training")
     p.add_argument("--lora-r", type=int, default=32)
@@ -86,6 +90,26 @@ def block_params(model) -> int:
 
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def parse_spec(spec: str) -> tuple:
+    """``criterion[:recovery][+bias]`` -> (criterion, recovery, bias_compensation)."""
+    criterion, _, rest = spec.partition(":")
+    mode, _, extra = rest.partition("+")
+    if extra not in ("", "bias"):
+        raise ValueError(f"{spec!r}: only '+bias' may follow the recovery")
+    return criterion, mode or "none", extra == "bias"
+
+
+def check_remote_code(model, probe: dict, directory: Path) -> dict:
+    """Save a heterogeneous model, reload it with its own modeling code (trust_remote_code); logits must match."""
+    model.save_pretrained(directory)
+    reloaded = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    with torch.no_grad():
+        diff = (reloaded(**probe).logits - model(**probe).logits).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"reloaded logits differ by {diff}")
+    return {"class": type(reloaded).__name__, "max_logit_diff": diff}
 
 
 def check_plain(model, probe: dict, directory: Path) -> dict:
@@ -209,22 +233,34 @@ def main(argv=None) -> None:
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for spec in args.criteria.split(","):
-            criterion, _, mode = spec.partition(":")
+        specs = [(spec, "uniform") for spec in args.criteria.split(",")]
+        if args.global_criterion:
+            specs.append((args.global_criterion, "global"))
+        for n, (spec, scope) in enumerate(specs):
+            criterion, mode, bias = parse_spec(spec)
             model = copy.deepcopy(dense)
-            config = hfprune.PruningConfig(criterion=criterion, params_ratio=budget / total, scope="uniform",
-                                           min_heads=1, round_to=8, seed=args.seed, recovery=mode or "none")
+            config = hfprune.PruningConfig(criterion=criterion, params_ratio=budget / total, scope=scope,
+                                           min_heads=1, round_to=8, seed=args.seed, recovery=mode,
+                                           bias_compensation=bias)
             result = hfprune.prune(model, calibration, config)
             ppl = perplexity(model, test_batches)["perplexity"]
-            plain = check_plain(model, probe, tmp / criterion)
             removed = 1 - block_params(model) / blocks
-            rows.append({"name": f"width, {criterion} (recovery: {result.recovery})", "spec": spec,
-                         "params": n_params(model),
-                         "removed": removed, "ppl": ppl, "seconds": result.seconds,
-                         "shape": f"{plain['layers']} layers, {plain['heads']} heads / {plain['kv_heads']} KV, "
-                                  f"FFN {plain['ffn']}"})
-            models[spec] = model
-            print(f"{spec}: ppl {ppl:.3f}, removed {removed:.3f} of block params, {result.seconds:.0f} s",
+            if scope == "uniform":
+                plain = check_plain(model, probe, tmp / f"width-{n}")
+                shape = (f"{plain['layers']} layers, {plain['heads']} heads / {plain['kv_heads']} KV, "
+                         f"FFN {plain['ffn']}{', with biases' if bias else ''}")
+                name = f"width, {criterion} (recovery: {result.recovery})"
+            else:
+                check_remote_code(model, probe, tmp / f"width-{n}")
+                widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+                heads = [layer.self_attn.q_proj.out_features // model.config.head_dim for layer in model.model.layers]
+                shape = (f"remote code: heads {min(heads)}-{max(heads)}, FFN {min(widths)}-{max(widths)} per layer"
+                         f"{', with biases' if bias else ''}")
+                name = f"width, {criterion} (recovery: {result.recovery}), scope global"
+            rows.append({"name": name, "spec": spec, "scope": scope, "params": n_params(model),
+                         "removed": removed, "ppl": ppl, "seconds": result.seconds, "shape": shape})
+            models[(spec, scope)] = model
+            print(f"{spec} ({scope}): ppl {ppl:.3f}, removed {removed:.3f} of block params, {result.seconds:.0f} s",
                   flush=True)
 
         t = time.perf_counter()
@@ -243,10 +279,11 @@ def main(argv=None) -> None:
         log["influence"] = [round(float(x), 4) for x in influence]
         print(f"depth: ppl {ppl:.3f}, dropped {dropped}", flush=True)
 
-        width_rows = [r for r in rows if r["name"].startswith("width")]
+        # recovery starts from the best plain (uniform) width-pruned model: the result must stay a plain checkpoint
+        width_rows = [r for r in rows if r.get("scope") == "uniform"]
         best_row = min(width_rows, key=lambda r: r["ppl"])
         best = best_row["spec"]
-        recovered, info = lora_recover(copy.deepcopy(models[best]), train, args, tmp)
+        recovered, info = lora_recover(copy.deepcopy(models[(best, "uniform")]), train, args, tmp)
         ppl = perplexity(recovered, test_batches)["perplexity"]
         plain = check_plain(recovered, probe, tmp / "recovered")
         rows.append({"name": f"width, {best} + LoRA r={args.lora_r} ({info['steps']} steps, merged)",
@@ -268,8 +305,11 @@ def main(argv=None) -> None:
     if not args.quick:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        # the dense-plus-LoRA control (--reference) does not depend on the pruning code: keep it if it is there
+        existing = out.read_text() if out.is_file() else ""
+        control = existing[existing.index(REFERENCE_HEADER):] if REFERENCE_HEADER in existing else ""
         tmp_out = out.with_suffix(".tmp")
-        tmp_out.write_text(report)
+        tmp_out.write_text(report + ("\n" + control if control else ""))
         os.replace(tmp_out, out)
 
 
@@ -324,8 +364,8 @@ def render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start,
         f"takes {eval_seconds:.0f} s on this CPU, which is what limits the test size); calibration "
         f"{args.calibration_blocks} blocks ({args.calibration_blocks * args.block_size:,} tokens).",
         "",
-        "| model | structure (plain checkpoint) | parameters | block params removed | test perplexity | vs dense |"
-        " time (s) |",
+        "| model | structure (plain checkpoint unless noted) | parameters | block params removed | test perplexity "
+        "| vs dense | time (s) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -349,8 +389,10 @@ def render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start,
         f"{rec['seconds'] / 60:.1f} min of CPU; training loss {rec['first_loss']} -> {rec['last_loss']}; merged "
         "with merge_and_unload into a plain checkpoint.",
         f"- Block influence (1 - cos) per layer on the calibration data: {log['influence']}.",
-        "- Every pruned model was saved and reloaded with stock `AutoModelForCausalLM.from_pretrained(dir)` (no "
-        "remote code); logits matched to 1e-4.",
+        "- Every uniform pruned model was saved and reloaded with stock `AutoModelForCausalLM.from_pretrained(dir)` "
+        "(no remote code); the scope-global one with `trust_remote_code=True` (its layers differ in width); "
+        "logits matched to 1e-4. '+bias' rows use `bias_compensation=True` (FLAP: removed units' calibration-mean "
+        "output folded into biases; Llama's `mlp_bias`/`attention_bias` set, so still a plain checkpoint).",
         f"- Sample continuation of the recovered model (greedy): {sample!r}",
     ]
     return "\n".join(lines) + "\n"

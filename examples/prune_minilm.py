@@ -42,7 +42,7 @@ from transformers import AutoModel, AutoTokenizer
 
 import hfprune
 from hfprune.cost import estimate
-from hfprune.latency import cpu_name
+from hfprune.latency import cpu_name, time_models
 
 KEEP = 0.5  # fraction of heads and of FFN neurons kept in every layer
 SEQ_LEN = 128
@@ -137,21 +137,6 @@ def embeddings(model, batches: list[dict]) -> torch.Tensor:
     return torch.cat(out)
 
 
-@torch.inference_mode()
-def latency_ms(models: dict, batch: dict, rounds: int) -> dict:
-    """Per model, forward times in ms; models are timed alternately so drifts in machine load hit both alike."""
-    for model in models.values():  # warm-up
-        model(**batch)
-    times = {name: [] for name in models}
-    names = list(models)
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            models[name](**batch)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(SEED)
@@ -187,7 +172,7 @@ def main() -> None:
     timing_batch = tokenizer(sentences[:BATCH], padding="max_length", truncation=True, max_length=SEQ_LEN,
                              return_tensors="pt")
     before_cpu = cpu_seconds()
-    times = latency_ms({"dense": dense, "pruned": pruned}, timing_batch, ROUNDS)
+    times = time_models({"dense": dense, "pruned": pruned}, timing_batch, ROUNDS)
     others = other_processes_share(before_cpu, cpu_seconds())
     latency = {name: statistics.median(t) for name, t in times.items()}
     spread = {name: f"{latency[name]:.0f} ms ({min(t):.0f}-{max(t):.0f})" for name, t in times.items()}

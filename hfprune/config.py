@@ -31,6 +31,8 @@ class PruningConfig:
     the weights, ``full`` does both, ``none`` neither. ``auto`` means ``rearrange`` for ``fisher`` and ``none``
     for the other criteria: on the MiniLM movie-review benchmark rearrangement helped (-1.13 instead of -1.98
     accuracy points at 50% MACs, equal at 60%) while least-squares tuning hurt (benchmarks/oneshot_minilm.py).
+    ``bias_compensation`` (FLAP, An et al. 2024) replaces each removed unit's output with its calibration mean,
+    folded into the output projection's bias.
 
     Example:
 
@@ -63,6 +65,10 @@ class PruningConfig:
     seed: int = field(default=0, metadata={"help": "seed for the random criterion"})
     recovery: str = field(default="auto", metadata={
         "help": f"retraining-free recovery, one of {RECOVERY}; auto: rearrange for fisher, none otherwise"})
+    bias_compensation: bool = field(default=False, metadata={
+        "help": "fold the calibration mean of every removed head's/neuron's output into the output projection's "
+                "bias (FLAP); adds the bias where the stock config can (Llama attention_bias/mlp_bias); needs "
+                "calibration data; not with recovery lstsq/full"})
     recovery_examples: int | None = field(default=128, metadata={
         "help": "mask tuning fits its scales on the first this many calibration examples (None: all); each example "
                 "gives tokens x hidden equations for at most a few thousand unknowns per layer"})
@@ -112,6 +118,10 @@ class PruningConfig:
         if self.recovery in NEEDS_FISHER_BLOCKS and self.criterion != "fisher":
             raise ValueError(f"recovery={self.recovery!r} re-picks heads/neurons from Fisher information and needs "
                              f"criterion='fisher', not {self.criterion!r}; use recovery='lstsq' or 'none'")
+        if self.bias_compensation and self.resolved_recovery in ("lstsq", "full"):
+            raise ValueError(f"bias_compensation=True with recovery={self.recovery!r}: mask tuning already fits the "
+                             "kept units to the dense output, and a bias added afterwards would count the removed "
+                             "units twice; use recovery 'none' or 'rearrange' with it")
 
     @property
     def resolved_recovery(self) -> str:

@@ -198,17 +198,20 @@ def seasonal_naive(past: torch.Tensor, horizon: int, season: int) -> torch.Tenso
     return torch.cat([last] * reps, dim=1)[:, :horizon]
 
 
-GREEDY_FAMILIES = ("time_series_transformer",)
+GREEDY_FAMILIES = ("time_series_transformer", "informer", "autoformer")
 
 
 @torch.no_grad()
 def greedy_forecast(model, batch: dict, distribution: str | None = None) -> torch.Tensor:
-    """Deterministic forecast of an autoregressive TimeSeriesTransformer: horizon step k is the predictive mean
-    given steps < k filled with their own means (one decoder pass per step; the encoder runs once).
+    """Deterministic forecast of a seq2seq forecaster from the past alone.
 
-    This is the mean path, not the mean over sampled paths that ``generate`` estimates: it has no sampling noise
-    and costs one decoder pass per step instead of ``num_parallel_samples``. ``batch`` is the model's inference
-    batch (``future_values`` is ignored); returns (B, H) or (B, H, C).
+    TimeSeriesTransformer and Informer decode autoregressively: horizon step k is the predictive mean given steps
+    < k filled with their own means (one decoder pass per step; the encoder runs once). This is the mean path, not
+    the mean over sampled paths that ``generate`` estimates: it has no sampling noise and costs one decoder pass
+    per step instead of ``num_parallel_samples``. (Informer with ProbSparse attention samples keys at random in
+    every pass, so its forecast is only as deterministic as the model.) Autoformer decodes the whole horizon in
+    one pass from the context (its future values only enter the loss), so its forecast is that pass's mean.
+    ``batch`` is the model's inference batch (``future_values`` is ignored); returns (B, H) or (B, H, C).
     """
     if model.config.model_type not in GREEDY_FAMILIES:
         raise ValueError(f"greedy_forecast supports {GREEDY_FAMILIES}, not {model.config.model_type!r}")
@@ -217,6 +220,8 @@ def greedy_forecast(model, batch: dict, distribution: str | None = None) -> torc
     horizon = model.config.prediction_length
     # unknown steps hold 0: the causal decoder reads step j only through the lags of steps > j
     future = past.new_zeros((past.shape[0], horizon) + tuple(past.shape[2:]))
+    if model.config.model_type == "autoformer":
+        return point_forecast(model(**inputs, future_values=future), distribution)
     encoder = None
     for k in range(horizon):
         out = model(**inputs, future_values=future, encoder_outputs=encoder)

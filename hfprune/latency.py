@@ -216,6 +216,25 @@ def measure(model: nn.Module, batch_size: int = 32, seq_len: int = 128, points: 
     return table
 
 
+@torch.inference_mode()
+def time_models(models: dict, batch: dict, rounds: int, warmup: int = 3) -> dict:
+    """``{name: [ms per forward of batch, one per round]}`` for whole models (end-to-end latency, unlike the
+    per-block table above). Models alternate within each round, in reversed order every other round, so changes
+    in machine load hit them alike; ``warmup`` untimed passes each first pay for allocation and thread start-up."""
+    names = list(models)
+    for m in models.values():
+        m.eval()
+        for _ in range(warmup):
+            m(**batch)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start = time.perf_counter()
+            models[name](**batch)
+            times[name].append((time.perf_counter() - start) * 1000)
+    return times
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

@@ -185,9 +185,11 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
     if config.criterion == "fisher":
         kwargs["keep_blocks"] = mode in ("rearrange", "full")
     criterion = get_importance(config.criterion, **kwargs)
-    if calibration is None and (criterion.needs_data or config.recovery not in ("auto", "none")):
-        raise ValueError(f"criterion {config.criterion!r} with recovery {config.recovery!r} needs calibration data; "
-                         "pass batches or use 'magnitude' with recovery='none'")
+    if calibration is None and (criterion.needs_data or config.recovery not in ("auto", "none")
+                                or config.bias_compensation):
+        raise ValueError(f"criterion {config.criterion!r} with recovery {config.recovery!r} and bias_compensation="
+                         f"{config.bias_compensation} needs calibration data; pass batches or use 'magnitude' with "
+                         "recovery='none' and bias_compensation=False")
     if calibration is None:
         mode = "none"
     else:
@@ -207,6 +209,9 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
     scales = None
     if mode in ("lstsq", "full"):
         scales = recovery.tune_scales(target, kept, calibration, max_examples=config.recovery_examples)
+    if config.bias_compensation:
+        recovery.compensate_biases(target, kept, calibration, max_examples=config.recovery_examples)
+        mode = "bias" if mode == "none" else f"{mode}+bias"
     plan = select.to_plan(kept, model_dims(target), target.config.model_type)
     before = cost.estimate(target, seq_len=config.seq_len)
     apply_plan(model, plan)

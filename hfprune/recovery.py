@@ -14,8 +14,14 @@ Two steps, each optional:
   compensated too) matches the dense block's on calibration data. The scales are folded into the ``o``/``down``
   input columns, so the result is a plain pruned model.
 
+A third, independent step is **bias compensation** (An et al. 2024, FLAP): a removed head's or neuron's output is
+replaced by its mean over the calibration tokens, which is a constant vector folded into the output projection's
+bias. Families without that bias get one where their stock config can say so (Llama's ``attention_bias`` /
+``mlp_bias``), so the result is still a plain checkpoint.
+
 The math is in pure functions (:func:`quadratic_loss`, :func:`rearrange`, :func:`solve_scales`,
-:func:`normal_equations`, :func:`fold_scales`); :func:`tune_scales` runs the calibration passes.
+:func:`normal_equations`, :func:`fold_scales`, :func:`compensation`); :func:`tune_scales` and
+:func:`compensate_biases` run the calibration passes.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from .apply import unwrap
 from .arch import get_adapter
 from .importance.base import iterate, to_device
 from .masking import Masks
-from .structure import _base_layer, _is_conv1d, attention_dims, get_module
+from .structure import _base_layer, _is_conv1d, attention_dims, get_module, in_features, out_features
 
 RIDGE = 1e-4  # relative to the mean diagonal of A^T A: keeps near-collinear units from blowing up
 CLAMP = (-10.0, 10.0)  # scales outside this range are not trusted (Kwon et al. clamp the same way)
@@ -262,10 +268,7 @@ def tune_scales(model: nn.Module, kept: dict, batches, ridge: float = RIDGE, cla
     their merged weight.
     """
     model = unwrap(model)
-    device = next(model.parameters()).device
-    batches = _first_examples([to_device(b, device) for b in iterate(batches, "recovery data")], max_examples)
-    if not batches:
-        raise ValueError("the calibration data is empty")
+    batches = _recovery_batches(model, batches, max_examples)
     masks = Masks(model)
     tuned = {k: torch.ones_like(g) for k, g in masks.gates.items()}
     for key, keep in kept.items():
@@ -283,8 +286,8 @@ def tune_scales(model: nn.Module, kept: dict, batches, ridge: float = RIDGE, cla
                 continue
             weight = _merged_weight(module)
             bias = _bias(module)
-            ata = torch.zeros(len(keep), len(keep), dtype=torch.float64, device=device)
-            atb = torch.zeros(len(keep), dtype=torch.float64, device=device)
+            ata = torch.zeros(len(keep), len(keep), dtype=torch.float64, device=weight.device)
+            atb = torch.zeros(len(keep), dtype=torch.float64, device=weight.device)
             with torch.no_grad():
                 for j, batch in enumerate(batches):
                     if targets is None:
@@ -348,6 +351,15 @@ def _dense_targets(model: nn.Module, masks: Masks, blocks: list, batches: list) 
     return out
 
 
+def _recovery_batches(model: nn.Module, batches, max_examples: int | None) -> list:
+    """The calibration batches on the model's device, cut to the first ``max_examples``; never empty."""
+    device = next(model.parameters()).device
+    out = _first_examples([to_device(b, device) for b in iterate(batches, "recovery data")], max_examples)
+    if not out:
+        raise ValueError("the calibration data is empty")
+    return out
+
+
 def _first_examples(batches: list, limit: int | None) -> list:
     """The leading batches holding ``limit`` examples (the last one cut), or all of them."""
     if limit is None:
@@ -382,3 +394,107 @@ def _set(masks: Masks, values, ones=None) -> None:
     with torch.no_grad():
         for key, gate in masks.gates.items():
             gate.copy_(values[key] if values is not None and key != ones else torch.ones_like(gate))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bias compensation
+
+
+def compensation(weight: torch.Tensor, mean: torch.Tensor, keep: list, width: int = 1) -> torch.Tensor:
+    """``W[:, removed] @ mean[removed]``: the average contribution of the units not in ``keep`` to the output of a
+    projection with (out, units * width) ``weight`` whose mean input is ``mean``. Float64."""
+    units = weight.shape[1] // width
+    removed = sorted(set(range(units)) - set(keep))
+    if not removed:
+        return torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    cols = (torch.as_tensor(removed, device=weight.device)[:, None] * width
+            + torch.arange(width, device=weight.device)).flatten()
+    return weight[:, cols].double() @ mean.to(weight.device)[cols].double()
+
+
+def mean_inputs(model: nn.Module, modules: dict, batches: list) -> dict:
+    """``{key: mean input vector}`` of each module in ``modules`` over the (non-padding) tokens of ``batches``,
+    from one pass of the model as it is."""
+    sums: dict = {}
+    counts: dict = {}
+    batch_ref: dict = {}
+
+    def watch(key, module):
+        def pre_hook(_m, args, kwargs):
+            x = _tokens((args[0] if args else kwargs["input"]).detach(), batch_ref["b"]).double()
+            sums[key] = sums.get(key, 0) + x.sum(0)
+            counts[key] = counts.get(key, 0) + x.shape[0]
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    handles = [watch(key, module) for key, module in modules.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch_ref["b"] = batch
+                model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(str(k) for k in modules if k not in counts)
+    if missing:
+        raise RuntimeError(f"these output projections did not run in the calibration passes: {missing}")
+    return {key: sums[key] / counts[key] for key in modules}
+
+
+def compensate_biases(model: nn.Module, kept: dict, batches, max_examples: int | None = None) -> dict:
+    """Fold the calibration mean of every unit that ``kept`` removes into its block's output-projection bias, in
+    the dense ``model`` (before slicing). ``kept``: ``{block key: kept indices}`` (missing: kept whole).
+    Returns ``{block key: the bias change}``.
+
+    Where an output projection has no bias, the family's config flag for one (``Adapter.bias_flag``) is set and
+    every projection of that block kind, in every layer, gets a zero bias first, so that stock transformers builds
+    the same modules from the saved config. Families whose config cannot add the bias raise a ``ValueError``
+    before anything changes. Autoformer's query-averaging attention is not compensated (as in mask tuning).
+    """
+    model = unwrap(model)
+    batches = _recovery_batches(model, batches, max_examples)
+    adapter = get_adapter(model)
+    pruned = [(key, module, width) for key, module, width in tunable_blocks(model)
+              if key in kept and len(kept[key]) < in_features(module) // width]
+    flags = {}
+    for key, module, _ in pruned:
+        if _bias(module) is None:
+            flag = adapter.bias_flag(model.config, key[2])
+            if flag is None:
+                raise ValueError(
+                    f"bias compensation needs a bias on the output projection of block {key}; "
+                    f"model_type {model.config.model_type!r} has none there and its config cannot add one. "
+                    "Use bias_compensation=False for this model.")
+            flags[key[2]] = flag
+    means = mean_inputs(model, {key: module for key, module, _ in pruned}, batches)
+    deltas = {key: compensation(_merged_weight(module), means[key], kept[key], width)
+              for key, module, width in pruned}
+    for block, flag in flags.items():  # all checks and passes done: only now change the model
+        _add_zero_biases(model, block)
+        setattr(model.config, flag, True)
+    with torch.no_grad():
+        for key, module, _ in pruned:
+            bias = _base_layer(module).bias
+            bias.add_(deltas[key].to(bias.device, bias.dtype))
+    return {key: d.float().cpu() for key, d in deltas.items()}
+
+
+def _add_zero_biases(model: nn.Module, block: str) -> None:
+    """A zero bias on every projection of the attention or FFN blocks named ``block`` that has none."""
+    spec = get_adapter(model).arch_spec(model.config)
+    for stack in spec.stacks.values():
+        paths = []
+        if block in stack.attention:
+            a = stack.attention[block]
+            paths = [a.q, a.k, a.v, a.o]
+        elif block in stack.ffn:
+            f = stack.ffn[block]
+            paths = [*f.up, f.down]
+        for layer in get_module(model.base_model, stack.layers):
+            for path in paths:
+                base = _base_layer(get_module(layer, path))
+                if base.bias is None:
+                    base.bias = nn.Parameter(torch.zeros(out_features(base), dtype=base.weight.dtype,
+                                                         device=base.weight.device),
+                                             requires_grad=base.weight.requires_grad)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from .latency import time_models
 from .recipe import Recipe
 
 logger = logging.getLogger("hfprune")
@@ -237,16 +238,13 @@ def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
             preds += model(**batch).logits.argmax(-1).tolist()
             refs += labels.tolist()
         else:
-            from .forecast import GREEDY_FAMILIES, greedy_forecast, point_forecast
+            from .forecast import greedy_forecast, point_forecast
 
             # The model must not see the future: seq2seq families would read it through their lags (teacher
             # forcing), so they forecast greedily from the past alone.
             future = batch.pop("future_values")
             batch.pop("future_observed_mask", None)
             if model.config.model_type in SEQ2SEQ_FORECASTERS:
-                if model.config.model_type not in GREEDY_FAMILIES:
-                    raise NotImplementedError(f"evaluating {model.config.model_type!r} needs a deterministic "
-                                              f"forecast; supported: {sorted(GREEDY_FAMILIES)}")
                 pred = greedy_forecast(model, batch)
             else:
                 pred = point_forecast(model(**batch))  # (B, H, C)
@@ -288,26 +286,6 @@ def latency_input(recipe: Recipe, model, eval_batches: list) -> dict:
     g = torch.Generator().manual_seed(recipe.seed)
     ids = torch.randint(3, model.config.vocab_size, (e.latency_batch_size, e.latency_seq_len), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-
-WARMUP = 3
-
-
-@torch.inference_mode()
-def time_models(models: dict, batch: dict, rounds: int) -> dict:
-    """Per model, forward times in ms; models alternate within each round so load drifts hit all alike."""
-    names = list(models)
-    for m in models.values():
-        m.eval()
-        for _ in range(WARMUP):  # first passes pay for allocation and thread start-up
-            m(**batch)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            models[name](**batch)
-            times[name].append((time.perf_counter() - start) * 1000)
-    return times
 
 
 # ---- The run ----------------------------------------------------------------------------------------------------

@@ -130,6 +130,32 @@ def test_greedy_forecast_is_a_fixed_point_of_the_teacher_forced_means(input_size
         greedy_forecast(_patched(), _patched_batch())
 
 
+SEQ2SEQ = {
+    "time_series_transformer": (T.TimeSeriesTransformerForPrediction, T.TimeSeriesTransformerConfig, {}),
+    "informer": (T.InformerForPrediction, T.InformerConfig, {"attention_type": "full"}),  # ProbSparse samples keys
+    "autoformer": (T.AutoformerForPrediction, T.AutoformerConfig, {"label_length": 4}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(SEQ2SEQ))
+@pytest.mark.parametrize("input_size", [1, C])
+def test_greedy_forecast_is_generate_with_every_sample_replaced_by_its_mean(family, input_size, monkeypatch):
+    """transformers' own ``generate`` decodes these families; with the sampling step made to return the
+    distribution's mean it walks the mean path, which greedy_forecast must reproduce."""
+    from transformers.time_series_utils import AffineTransformed
+
+    cls, config_cls, extra = SEQ2SEQ[family]
+    model = _seq2seq(cls, config_cls, input_size=input_size, num_parallel_samples=1, **extra)
+    batch = _seq2seq_batch(input_size=input_size)
+    forecast = greedy_forecast(model, batch)
+    monkeypatch.setattr(AffineTransformed, "sample", lambda self, sample_shape=(): self.mean)
+    inputs = {k: v for k, v in batch.items() if k != "future_values"}
+    with torch.no_grad():
+        expected = model.generate(**inputs).sequences[:, 0]
+    assert forecast.shape == batch["future_values"].shape
+    torch.testing.assert_close(forecast, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_two_parameter_heads_need_the_name_and_negative_binomial_is_refused():
     out = _seq2seq(distribution="normal")(**_seq2seq_batch())
     with pytest.raises(ValueError, match="ambiguous"):

@@ -40,9 +40,16 @@ class Adapter:
     spec: Callable
     fields: dict = field(default_factory=dict)  # stack key -> StackFields
     check: Callable | None = None  # (config, plan) -> None, raises PlanError
+    # config -> {block name: config flag that gives every projection of that block a bias}, for families whose
+    # output projections have no bias by default (bias compensation needs one)
+    bias_flags: Callable | None = None
 
     def arch_spec(self, config) -> ArchSpec:
         return self.spec(config)
+
+    def bias_flag(self, config, block: str) -> str | None:
+        """The config flag that adds biases to ``block`` (e.g. Llama's ``mlp_bias``), or ``None``."""
+        return (self.bias_flags(config) if self.bias_flags else {}).get(block)
 
 
 def register(adapter: Adapter) -> Adapter:

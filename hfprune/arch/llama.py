@@ -18,8 +18,14 @@ def _spec(config) -> ArchSpec:
     return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
 
 
+# Which stock configs can give the attention ("heads") and FFN projections a bias: Mistral and Qwen2 hard-code
+# bias=False on their output projections, Qwen3 has attention_bias only (checked in transformers 5.23).
+_BIAS_FLAGS = {"llama": {"heads": "attention_bias", "ffn": "mlp_bias"}, "qwen3": {"heads": "attention_bias"}}
+
+
 register(Adapter(
     name="llama", model_types=("llama", "mistral", "qwen2", "qwen3"), spec=_spec,
     fields={"layers": StackFields(heads="num_attention_heads", kv_heads="num_key_value_heads",
                                   head_dim="head_dim", ffn={"ffn": "intermediate_size"})},
+    bias_flags=lambda config: _BIAS_FLAGS.get(config.model_type, {}),
 ))

@@ -290,7 +290,7 @@ VIC_ELEC_TEACHERS = {
                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                        dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
                        decoder_layerdrop=0.0, scaling="std"),
-        "train": {"steps": 600, "lr": 1e-3, "batch": 32, "seed": 0},
+        "train": {"steps": 2400, "lr": 1e-3, "batch": 32, "seed": 0},
     },
 }
 

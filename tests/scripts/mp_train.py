@@ -68,6 +68,9 @@ def main() -> None:
     parser.add_argument("--ga", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--mode", choices=["distill", "prune"], default="distill")
+    parser.add_argument("--calibration", action="store_true",
+                        help="score from calibration batches (each rank gets its shard of 32 examples) instead of "
+                             "from training gradients")
     a = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -79,8 +82,15 @@ def main() -> None:
     from hfprune.schedule import ScheduleConfig
 
     model = tiny_bert(0)
+    calibration = None
+    if a.calibration:  # rank r of w scores on examples r, r + w, ...: together, all 32 once
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        shard = toy_data(32, seed=5)[rank::world]
+        calibration = [{k: torch.stack([torch.as_tensor(e[k]) for e in shard[i:i + 4]]) for k in shard[0]}
+                       for i in range(0, len(shard), 4)]
     callback = PruningCallback(PruningConfig(criterion="fisher", macs_ratio=0.5),
-                               ScheduleConfig(kind="gradual", start_step=0, end_step=4, every=2))
+                               ScheduleConfig(kind="gradual", start_step=0, end_step=4, every=2),
+                               calibration=calibration)
     args = TrainingArguments(
         os.path.join(a.out, "run"), max_steps=a.steps, per_device_train_batch_size=a.per_device_batch,
         gradient_accumulation_steps=a.ga, learning_rate=1e-3, report_to=[], use_cpu=True, logging_steps=1,
