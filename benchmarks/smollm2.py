@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--reference", action="store_true",
                    help="only train the DENSE model with the same LoRA budget (a domain-adaptation control) and "
                         "append that row to the results file")
+    p.add_argument("--width-only", action="store_true",
+                   help="only the dense and width-pruned rows (no depth pruning, LoRA recovery or generation speed)")
     p.add_argument("--quick", action="store_true", help="smoke run: do not write the results file")
     p.add_argument("--out", default="benchmarks/results/smollm2.md")
     return p.parse_args(argv)
@@ -262,6 +264,8 @@ def main(argv=None) -> None:
             models[(spec, scope)] = model
             print(f"{spec} ({scope}): ppl {ppl:.3f}, removed {removed:.3f} of block params, {result.seconds:.0f} s",
                   flush=True)
+        if args.width_only:
+            return write(args, render_rows(args, rows, dense_ppl, eval_seconds, started, load_start, argv))
 
         t = time.perf_counter()
         depth_model = copy.deepcopy(dense)
@@ -300,17 +304,21 @@ def main(argv=None) -> None:
     sample_ids = prompts[:1]
     sample = tokenizer.decode(recovered.generate(sample_ids, attention_mask=torch.ones_like(sample_ids),
                                                  max_new_tokens=24, do_sample=False)[0, PROMPT_TOKENS:])
-    report = render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start, sample, argv)
+    write(args, render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start, sample, argv))
+
+
+def write(args, report: str) -> None:
     print(report)
-    if not args.quick:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # the dense-plus-LoRA control (--reference) does not depend on the pruning code: keep it if it is there
-        existing = out.read_text() if out.is_file() else ""
-        control = existing[existing.index(REFERENCE_HEADER):] if REFERENCE_HEADER in existing else ""
-        tmp_out = out.with_suffix(".tmp")
-        tmp_out.write_text(report + ("\n" + control if control else ""))
-        os.replace(tmp_out, out)
+    if args.quick:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # the dense-plus-LoRA control (--reference) does not depend on the pruning code: keep it if it is there
+    existing = out.read_text() if out.is_file() else ""
+    control = existing[existing.index(REFERENCE_HEADER):] if REFERENCE_HEADER in existing else ""
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(report + ("\n" + control if control else ""))
+    os.replace(tmp_out, out)
 
 
 REFERENCE_HEADER = "## Control: the dense model with the same LoRA budget"
@@ -347,7 +355,8 @@ def reference(args, dense, test_batches, train, argv) -> None:
     os.replace(tmp_out, out)
 
 
-def render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start, sample, argv) -> str:
+def render_rows(args, rows, dense_ppl, eval_seconds, started, load_start, argv) -> str:
+    """The header, data description and the perplexity table."""
     dense = rows[0]["ppl"]
     lines = [
         "# SmolLM2-135M-Instruct: 20% of the transformer-block parameters removed",
@@ -373,6 +382,11 @@ def render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start,
         secs = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(f"| {r['name']} | {r['shape']} | {r['params']:,} | {100 * r['removed']:.1f}% | {r['ppl']:.2f} |"
                      f" {rel} | {secs} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(args, rows, speed, log, dense_ppl, eval_seconds, started, load_start, sample, argv) -> str:
+    lines = render_rows(args, rows, dense_ppl, eval_seconds, started, load_start, argv).rstrip("\n").split("\n")
     lines += ["", f"Generation speed (greedy, prompt {PROMPT_TOKENS} tokens, exactly {args.new_tokens} new tokens, "
               f"KV cache; median (min-max) of {args.speed_rounds} interleaved rounds, tokens/s):", "",
               "| model | batch 1 | batch 8 |", "|---|---:|---:|"]

@@ -34,10 +34,11 @@ from .apply import apply_plan, unwrap
 from .arch import get_adapter
 from .config import PruningConfig
 from .importance import get_importance
+from .importance.activation import watch_output_projections
 from .masking import Masks
 from .plan import PrunePlan
 from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
-from .structure import _base_layer, _is_conv1d, attention_dims, get_module, head_rows, in_features
+from .structure import _base_layer, _is_conv1d, attention_dims, get_module, head_rows
 
 logger = logging.get_logger(__name__)
 
@@ -286,27 +287,17 @@ class PruningCallback(TrainerCallback):
     # -- activations ---------------------------------------------------------------------------
 
     def _watch_activations(self) -> None:
-        spec = get_adapter(self.model).arch_spec(self.model.config)
-        for key, stack in spec.stacks.items():
-            for i, layer in enumerate(get_module(self.model.base_model, stack.layers)):
-                for name, attn in stack.attention.items():
-                    heads = attention_dims(layer, attn)[0]
-                    if heads:
-                        self._watch(get_module(layer, attn.o), (key, i, name), heads)
-                for name, ffn in stack.ffn.items():
-                    down = get_module(layer, ffn.down)
-                    if in_features(down):
-                        self._watch(down, (key, i, name), in_features(down))
+        def make_hook(key, groups, _module):
+            def hook(mod, args):
+                if not mod.training:
+                    return
+                x = args[0].detach().float()  # (..., groups * width), already gated
+                per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1).sum(0)  # (groups,)
+                self._act_buffer[key] = self._act_buffer.get(key, 0) + per
 
-    def _watch(self, module, key, groups: int) -> None:
-        def hook(mod, args):
-            if not mod.training:
-                return
-            x = args[0].detach().float()  # (..., groups * width), already gated
-            per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1).sum(0)  # (groups,)
-            self._act_buffer[key] = self._act_buffer.get(key, 0) + per
+            return hook
 
-        self._act_handles.append(module.register_forward_pre_hook(hook))
+        self._act_handles.extend(watch_output_projections(self.model, make_hook))
 
     def _flush_activations(self) -> None:
         if not self._act_buffer:

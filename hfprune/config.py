@@ -57,8 +57,8 @@ class PruningConfig:
     scope: str = field(default="global", metadata={"help": f"ranking scope, one of {SCOPES}"})
     normalize: str = field(default="auto", metadata={
         "help": f"score normalisation across layers, one of {NORMALIZE}; auto: per layer for magnitude, "
-                "activation and random (each block's mean score set to its cost per unit), none for gradient "
-                "criteria (their scores estimate the loss change, a common scale)"})
+                "activation, fluctuation and random (each block's mean score set to its cost per unit), none for "
+                "gradient criteria (their scores estimate the loss change, a common scale)"})
     min_heads: int = field(default=0, metadata={
         "help": "heads kept in every layer at least (0: a layer may lose its attention)"})
     round_to: int = field(default=1, metadata={"help": "keep FFN neurons in multiples of this (e.g. 8)"})

@@ -109,7 +109,7 @@ def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: 
     blocks = blocks_for(model, scores, config, latency if kind == "latency" else None)
     normalize = config.normalize
     if normalize == "auto":
-        normalize = "layer" if config.criterion in ("magnitude", "activation", "random") else "none"
+        normalize = "none" if get_importance(config.criterion).loss_scale else "layer"
     if normalize == "layer":
         blocks = select.normalize(blocks)
     if kind == "ratio":

@@ -36,7 +36,7 @@ def ranks(tmp_path_factory):
 
 def test_all_ranks_pick_the_same_plan(ranks):
     assert ranks[0]["world_size"] == 2
-    for name in ("fisher", "taylor", "activation"):
+    for name in ("fisher", "taylor", "activation", "fluctuation"):
         assert ranks[0][name]["plan"] == ranks[1][name]["plan"]
         assert ranks[0][name]["scores"] == ranks[1][name]["scores"]
 
@@ -46,7 +46,7 @@ def test_reduced_scores_equal_one_process_on_all_batches(ranks):
     import score_distributed
 
     reference = score_distributed.run(*score_distributed.build())
-    for name in ("fisher", "taylor", "activation"):
+    for name in score_distributed.CRITERIA:
         got, want = ranks[0][name], reference[name]
         assert got["scores"].keys() == want["scores"].keys()
         for key in want["scores"]:

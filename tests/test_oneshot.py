@@ -35,6 +35,26 @@ def test_magnitude_by_hand():
     assert torch.allclose(got, expected.float(), rtol=1e-5)
 
 
+def test_fluctuation_by_hand():
+    """FLAP's score: variance over the (non-padding) tokens of each input feature of the output projection, times
+    the squared norm of its weight column, summed over the unit's features."""
+    case = CASES["bert"]
+    model = case.build("eager").eval()
+    batches = [case.inputs(0), case.inputs(1)]
+    attn_out = model.bert.encoder.layer[1].attention.output.dense
+    seen = []
+    handle = attn_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    tokens = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double()  # (N, 32)
+    per_feature = tokens.var(0, unbiased=False) * attn_out.weight.detach().double().pow(2).sum(0)
+    expected = per_feature.reshape(4, 8).sum(-1)  # 4 heads of 8 features
+    got = get_importance("fluctuation").score(model, batches)[("layers", 1, "heads")]
+    assert torch.allclose(got.double(), expected, rtol=1e-4)
+
+
 def test_fisher_is_a_sum_of_squared_per_example_gate_gradients():
     case = CASES["bert"]
     model = case.build("eager").eval()

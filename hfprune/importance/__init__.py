@@ -7,7 +7,7 @@ A criterion returns one score tensor per prunable block, keyed like :attr:`hfpru
 
 from __future__ import annotations
 
-from . import activation, fisher, magnitude, random_, taylor  # noqa: F401,E402  (registers them)
+from . import activation, fisher, fluctuation, magnitude, random_, taylor  # noqa: F401,E402  (registers them)
 from .base import Importance, get_importance, register_importance, supported_importance
 
 __all__ = ["Importance", "get_importance", "register_importance", "supported_importance"]

@@ -20,6 +20,26 @@ from .base import (
 )
 
 
+def watch_output_projections(model, make_hook) -> list:
+    """A forward pre-hook ``make_hook(block key, units, module)(module, args)`` on the output projection of every
+    attention block (units: heads) and FFN (units: neurons) that still has units; returns the handles."""
+    spec = get_adapter(model).arch_spec(model.config)
+    handles = []
+    for key, stack in spec.stacks.items():
+        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
+            for name, attn in stack.attention.items():
+                heads = attention_dims(layer, attn)[0]
+                if heads:
+                    module = get_module(layer, attn.o)
+                    handles.append(module.register_forward_pre_hook(make_hook((key, i, name), heads, module)))
+            for name, ffn in stack.ffn.items():
+                down = get_module(layer, ffn.down)
+                if in_features(down):  # an emptied FFN has nothing to watch
+                    handles.append(down.register_forward_pre_hook(make_hook((key, i, name), in_features(down),
+                                                                            down)))
+    return handles
+
+
 @register_importance
 class ActivationImportance(Importance):
     name = "activation"
@@ -27,29 +47,19 @@ class ActivationImportance(Importance):
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)
         model = unwrap(model)
-        spec = get_adapter(model).arch_spec(model.config)
         device = next(model.parameters()).device
-        sums, counts, handles = {}, {}, []
+        sums, counts = {}, {}
 
-        def watch(module, key, groups):
-            def hook(_m, args):
+        def hook(key, groups, _module):
+            def fn(_m, args):
                 x = args[0].detach().float()  # (..., groups * width)
                 per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1)  # (tokens, groups)
                 sums[key] = sums.get(key, 0) + per.sum(0)
                 counts[key] = counts.get(key, 0) + per.shape[0]
 
-            handles.append(module.register_forward_pre_hook(hook))
+            return fn
 
-        for key, stack in spec.stacks.items():
-            for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-                for name, attn in stack.attention.items():
-                    heads = attention_dims(layer, attn)[0]
-                    if heads:
-                        watch(get_module(layer, attn.o), (key, i, name), heads)
-                for name, ffn in stack.ffn.items():
-                    down = get_module(layer, ffn.down)
-                    if in_features(down):  # an emptied FFN has nothing to watch
-                        watch(down, (key, i, name), in_features(down))
+        handles = watch_output_projections(model, hook)
         try:
             with torch.no_grad():
                 for batch in iterate(batches, "activation"):

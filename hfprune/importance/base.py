@@ -19,6 +19,9 @@ class Importance:
 
     name: str = ""
     needs_data: bool = True
+    # True when scores estimate the loss change of removing a unit (gradient criteria), so they compare across
+    # layers as they are; otherwise PruningConfig(normalize="auto") normalises them per block first
+    loss_scale: bool = False
 
     def score(self, model: nn.Module, batches: Iterable | None = None) -> dict:
         raise NotImplementedError

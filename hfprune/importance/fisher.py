@@ -27,6 +27,7 @@ from .base import (
 @register_importance
 class FisherImportance(Importance):
     name = "fisher"
+    loss_scale = True
 
     def __init__(self, keep_blocks: bool = False):
         self.keep_blocks = keep_blocks

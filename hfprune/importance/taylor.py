@@ -21,6 +21,7 @@ from .magnitude import head_and_neuron_terms, weight_rows
 @register_importance
 class TaylorImportance(Importance):
     name = "taylor"
+    loss_scale = True
 
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for tests.cases
 
-CRITERIA = ("fisher", "taylor", "activation")
+CRITERIA = ("fisher", "taylor", "activation", "fluctuation")
 N_BATCHES = 4
 
 
