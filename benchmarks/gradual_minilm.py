@@ -26,7 +26,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import (  # noqa: E402
@@ -49,6 +48,7 @@ from hfprune.schedule import ScheduleConfig  # noqa: E402
 
 MACS_RATIO = 0.33
 OUT = Path(__file__).parent / "results" / "gradual_minilm.md"
+EARLIER_HEADER = "## Earlier runs of this benchmark"
 
 
 class TimeLimit(TrainerCallback):
@@ -180,8 +180,12 @@ def main() -> None:
         f"--steps {a.steps}`", f"Machine: {machine}", "", *lines, "",
         f"Gradual schedule reached its last pruning step: {rows['gradual + distill']['schedule_done']}.", ""])
     print(text)
-    np.random.seed(0)
-    OUT.write_text(text)
+    # a hand-written record of earlier runs, if the file has one, is kept below the new table
+    existing = OUT.read_text() if OUT.is_file() else ""
+    earlier = existing[existing.index(EARLIER_HEADER):] if EARLIER_HEADER in existing else ""
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(text + ("\n" + earlier if earlier else ""))
+    os.replace(tmp, OUT)
 
 
 if __name__ == "__main__":

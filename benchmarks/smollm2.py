@@ -39,6 +39,7 @@ from transformers import (  # noqa: E402
 )
 
 import hfprune  # noqa: E402
+from hfprune.apply import model_dims  # noqa: E402
 from hfprune.data.text import bbc_news, lm_blocks, smollm2_dir  # noqa: E402
 from hfprune.depth import block_influence, depth_plan, layer_param_counts  # noqa: E402
 from hfprune.latency import cpu_name  # noqa: E402
@@ -77,8 +78,12 @@ def parse_args(argv=None):
     p.add_argument("--width-only", action="store_true",
                    help="only the dense and width-pruned rows (no depth pruning, LoRA recovery or generation speed)")
     p.add_argument("--quick", action="store_true", help="smoke run: do not write the results file")
-    p.add_argument("--out", default="benchmarks/results/smollm2.md")
-    return p.parse_args(argv)
+    p.add_argument("--out", default=None, help="results file (default benchmarks/results/smollm2.md, or "
+                                               "smollm2_width.md with --width-only, so the full table is kept)")
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = f"benchmarks/results/smollm2{'_width' if args.width_only else ''}.md"
+    return args
 
 
 def batches(dataset, size: int) -> list:
@@ -96,10 +101,10 @@ def n_params(model) -> int:
 
 def parse_spec(spec: str) -> tuple:
     """``criterion[:recovery][+bias]`` -> (criterion, recovery, bias_compensation)."""
-    criterion, _, rest = spec.partition(":")
-    mode, _, extra = rest.partition("+")
+    head, _, extra = spec.partition("+")
     if extra not in ("", "bias"):
-        raise ValueError(f"{spec!r}: only '+bias' may follow the recovery")
+        raise ValueError(f"{spec!r}: only '+bias' may follow the criterion and recovery")
+    criterion, _, mode = head.partition(":")
     return criterion, mode or "none", extra == "bias"
 
 
@@ -254,8 +259,9 @@ def main(argv=None) -> None:
                 name = f"width, {criterion} (recovery: {result.recovery})"
             else:
                 check_remote_code(model, probe, tmp / f"width-{n}")
-                widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
-                heads = [layer.self_attn.q_proj.out_features // model.config.head_dim for layer in model.model.layers]
+                dims = model_dims(model)["layers"]  # per layer: {"heads": (heads, kv heads), "ffn": (neurons,)}
+                widths = [d["ffn"][0] for d in dims]
+                heads = [d["heads"][0] for d in dims]
                 shape = (f"remote code: heads {min(heads)}-{max(heads)}, FFN {min(widths)}-{max(widths)} per layer"
                          f"{', with biases' if bias else ''}")
                 name = f"width, {criterion} (recovery: {result.recovery}), scope global"

@@ -80,6 +80,11 @@ class PruningCallback(TrainerCallback):
         if schedule is not None and not isinstance(schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a hfprune.schedule.ScheduleConfig or None, got "
                             f"{type(schedule).__name__}")
+        if config.bias_compensation or config.resolved_recovery not in ("none", "rearrange"):
+            raise ValueError(
+                f"PruningCallback masks units during training, where the model itself recovers; "
+                f"bias_compensation={config.bias_compensation} and recovery={config.recovery!r} are one-shot "
+                "(hfprune.prune) options: use bias_compensation=False and recovery 'auto' or 'none'")
         self.config = config
         self.schedule = schedule if schedule is not None else ScheduleConfig(kind="gradual")
         self.calibration = calibration

@@ -196,26 +196,30 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
         calibration = calibration_batches(calibration, config.calibration_batch_size, tokenizer)
         if iter(calibration) is calibration:  # a one-shot iterator: scoring and recovery both read it
             calibration = list(calibration)
+    if config.bias_compensation:
+        recovery.bias_flags_needed(target)  # fail before the (possibly long) scoring pass
     if config.budget_kind == "latency" and latency_table is None:
         from .latency import measure
 
         latency_table = measure(target, config.latency_batch_size, config.seq_len)
     was_training = target.training
     target.eval()
-    scores = criterion.score(target, calibration)
-    kept, blocks = select_kept(target, scores, config, latency_table)
-    if mode in ("rearrange", "full"):
-        kept = recovery.rearrange_kept(kept, criterion.blocks, {b.key: b.group for b in blocks})
-    scales = None
-    if mode in ("lstsq", "full"):
-        scales = recovery.tune_scales(target, kept, calibration, max_examples=config.recovery_examples)
-    if config.bias_compensation:
-        recovery.compensate_biases(target, kept, calibration, max_examples=config.recovery_examples)
-        mode = "bias" if mode == "none" else f"{mode}+bias"
-    plan = select.to_plan(kept, model_dims(target), target.config.model_type)
     before = cost.estimate(target, seq_len=config.seq_len)
-    apply_plan(model, plan)
-    target.train(was_training)
+    try:
+        scores = criterion.score(target, calibration)
+        kept, blocks = select_kept(target, scores, config, latency_table)
+        if mode in ("rearrange", "full"):
+            kept = recovery.rearrange_kept(kept, criterion.blocks, {b.key: b.group for b in blocks})
+        scales = None
+        if mode in ("lstsq", "full"):
+            scales = recovery.tune_scales(target, kept, calibration, max_examples=config.recovery_examples)
+        if config.bias_compensation:
+            recovery.compensate_biases(target, kept, calibration, max_examples=config.recovery_examples)
+            mode = "bias" if mode == "none" else f"{mode}+bias"
+        plan = select.to_plan(kept, model_dims(target), target.config.model_type)
+        apply_plan(model, plan)
+    finally:
+        target.train(was_training)
     after = cost.estimate(target, seq_len=config.seq_len)
     return PruneResult(plan, model, before, after, time.perf_counter() - start, scores, mode, scales,
                        latency_table)

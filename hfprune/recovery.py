@@ -31,7 +31,7 @@ from torch import nn
 
 from .apply import unwrap
 from .arch import get_adapter
-from .importance.base import iterate, to_device
+from .importance.base import iterate, reduce_across_processes, to_device
 from .masking import Masks
 from .structure import _base_layer, _is_conv1d, attention_dims, get_module, in_features, out_features
 
@@ -436,7 +436,13 @@ def mean_inputs(model: nn.Module, modules: dict, batches: list) -> dict:
     finally:
         for h in handles:
             h.remove()
-    missing = sorted(str(k) for k in modules if k not in counts)
+    # every rank reduces every key (zeros where it saw nothing), so all ranks fold the same biases
+    device = next(model.parameters()).device
+    zeros = {k: torch.zeros(in_features(m), dtype=torch.float64, device=device) for k, m in modules.items()}
+    sums = reduce_across_processes({k: sums.get(k, z) + z for k, z in zeros.items()})
+    counts = reduce_across_processes({k: torch.tensor(float(counts.get(k, 0)), dtype=torch.float64, device=device)
+                                      for k in zeros})
+    missing = sorted(str(k) for k in modules if float(counts[k]) == 0)
     if missing:
         raise RuntimeError(f"these output projections did not run in the calibration passes: {missing}")
     return {key: sums[key] / counts[key] for key in modules}
@@ -453,20 +459,10 @@ def compensate_biases(model: nn.Module, kept: dict, batches, max_examples: int |
     before anything changes. Autoformer's query-averaging attention is not compensated (as in mask tuning).
     """
     model = unwrap(model)
-    batches = _recovery_batches(model, batches, max_examples)
-    adapter = get_adapter(model)
     pruned = [(key, module, width) for key, module, width in tunable_blocks(model)
               if key in kept and len(kept[key]) < in_features(module) // width]
-    flags = {}
-    for key, module, _ in pruned:
-        if _bias(module) is None:
-            flag = adapter.bias_flag(model.config, key[2])
-            if flag is None:
-                raise ValueError(
-                    f"bias compensation needs a bias on the output projection of block {key}; "
-                    f"model_type {model.config.model_type!r} has none there and its config cannot add one. "
-                    "Use bias_compensation=False for this model.")
-            flags[key[2]] = flag
+    flags = bias_flags_needed(model, [(key, module) for key, module, _ in pruned])
+    batches = _recovery_batches(model, batches, max_examples)
     means = mean_inputs(model, {key: module for key, module, _ in pruned}, batches)
     deltas = {key: compensation(_merged_weight(module), means[key], kept[key], width)
               for key, module, width in pruned}
@@ -478,6 +474,30 @@ def compensate_biases(model: nn.Module, kept: dict, batches, max_examples: int |
             bias = _base_layer(module).bias
             bias.add_(deltas[key].to(bias.device, bias.dtype))
     return {key: d.float().cpu() for key, d in deltas.items()}
+
+
+def bias_flags_needed(model: nn.Module, blocks: list | None = None) -> dict:
+    """``{block name: config flag}`` to set so that every output projection in ``blocks`` (``[(key, module)]``;
+    default: all tunable blocks) has a bias. Raises a ``ValueError`` naming the block when the family's config
+    cannot add one, or when a projection is a DoRA layer (its magnitude rescaling is not folded)."""
+    model = unwrap(model)
+    if blocks is None:
+        blocks = [(key, module) for key, module, _ in tunable_blocks(model)]
+    adapter = get_adapter(model)
+    flags = {}
+    for key, module in blocks:
+        if any(True for _ in getattr(module, "lora_magnitude_vector", {})):
+            raise ValueError(f"bias compensation does not support the DoRA layer of block {key}; "
+                             "merge_and_unload() the adapter first, or use bias_compensation=False")
+        if _bias(module) is None:
+            flag = adapter.bias_flag(model.config, key[2])
+            if flag is None:
+                raise ValueError(
+                    f"bias compensation needs a bias on the output projection of block {key}; "
+                    f"model_type {model.config.model_type!r} has none there and its config cannot add one. "
+                    "Use bias_compensation=False for this model.")
+            flags[key[2]] = flag
+    return flags
 
 
 def _add_zero_biases(model: nn.Module, block: str) -> None:

@@ -223,6 +223,8 @@ def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
     task = recipe.model.task
     device = next(model.parameters()).device
     model.eval()
+    # the same random stream for every model evaluated: Informer's ProbSparse attention samples keys in forward
+    torch.manual_seed(recipe.seed)
     preds, refs, losses, counts, history = [], [], [], [], []
     for batch in iterate(eval_batches, "evaluate"):
         batch = to_device(dict(batch), device)
@@ -530,10 +532,12 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> dict:
     dense_cost = cost.estimate(dense, seq_len=recipe.pruning.seq_len)
     out = {"dense": {"metrics": evaluate_model(recipe, dense, eval_batches), "macs": dense_cost.macs,
                      "params": dense_cost.params}, "points": [], "key": key, "hardware": hardware(),
-           "criterion": recipe.pruning.criterion, "recovery": recipe.pruning.resolved_recovery}
+           "criterion": recipe.pruning.criterion,
+           "recovery": recipe.pruning.resolved_recovery + ("+bias" if recipe.pruning.bias_compensation else "")}
     budgets = {k: None for k in BUDGET_KEYS + ("head_ratio", "ffn_ratio")}
     scores = None
-    if recipe.pruning.resolved_recovery == "none" and key != "latency_ratio":
+    if recipe.pruning.resolved_recovery == "none" and not recipe.pruning.bias_compensation \
+            and key != "latency_ratio":
         # Without recovery the plan is a pure function of the scores and the budget: score the dense model once.
         from .importance import get_importance
 

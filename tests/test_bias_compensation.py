@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import hfprune
 from hfprune.apply import apply_plan, model_dims
+from hfprune.importance import get_importance
 from hfprune.recovery import compensate_biases, compensation, tunable_blocks
 from hfprune.select import to_plan
 
@@ -128,17 +129,38 @@ def test_heterogeneous_llama_with_compensated_biases_reloads_with_its_remote_cod
         assert torch.equal(reloaded(**probe).logits, model(**probe).logits)
 
 
-def test_bias_compensation_errors():
+def test_bias_compensation_errors(monkeypatch):
     case = CASES["mistral"]  # Mistral hard-codes bias=False on o_proj and down_proj
-    model = case.build("eager").eval()
+    model = case.build("eager").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [case.inputs(0)]
-    config = hfprune.PruningConfig(criterion="magnitude", ffn_ratio=0.5, bias_compensation=True)
+    config = hfprune.PruningConfig(criterion="fisher", ffn_ratio=0.5, bias_compensation=True)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scored before finding that the model cannot take the biases")
+
+    monkeypatch.setattr(type(get_importance("fisher")), "score", no_scoring)
     with pytest.raises(ValueError, match="model_type 'mistral' has none there"):
         hfprune.prune(model, batches, config)
+    assert model.training  # the mode it came in with
     after = model.state_dict()  # nothing half-done: same tensors, same shapes, no new biases
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="needs calibration data"):
         hfprune.prune(model, None, config)
     with pytest.raises(ValueError, match="bias_compensation=True with recovery='lstsq'"):
         hfprune.PruningConfig(macs_ratio=0.5, recovery="lstsq", bias_compensation=True)
+
+
+def test_dora_layers_are_refused_and_the_callback_refuses_one_shot_recovery():
+    import peft
+
+    case = CASES["llama"]
+    model = peft.get_peft_model(case.build("eager"), peft.LoraConfig(r=2, target_modules=["down_proj"],
+                                                                      use_dora=True))
+    config = hfprune.PruningConfig(criterion="magnitude", ffn_ratio=0.5, bias_compensation=True)
+    with pytest.raises(ValueError, match="does not support the DoRA layer"):
+        hfprune.prune(model, [case.inputs(0)], config)
+    with pytest.raises(ValueError, match="one-shot"):
+        hfprune.PruningCallback(config)
+    with pytest.raises(ValueError, match="one-shot"):
+        hfprune.PruningCallback(hfprune.PruningConfig(macs_ratio=0.5, recovery="lstsq"))

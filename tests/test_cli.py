@@ -143,6 +143,20 @@ def test_sweep_draws_pareto(ran, capsys):
     assert (root / "sw-sweep" / "pareto.png").stat().st_size > 1000
 
 
+def test_sweep_honours_bias_compensation(ran, monkeypatch):
+    import hfprune.recovery
+
+    _, _, _, root = ran
+    calls = []
+    real = hfprune.recovery.compensate_biases
+    monkeypatch.setattr(hfprune.recovery, "compensate_biases", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert main(["sweep", str(root / "tiny.yaml"), "--ratios", "0.5", "--output.dir", str(root / "swb"),
+                 "--pruning.criterion=fluctuation", "--pruning.bias_compensation=true",
+                 "--evaluation.latency_rounds=1"]) == 0
+    assert calls == [1]  # the one budget went through hfprune.prune with compensation
+    assert json.loads((root / "swb-sweep" / "sweep.json").read_text())["recovery"] == "none+bias"
+
+
 def test_bad_override_is_one_clear_line(ran, capsys):
     _, _, _, root = ran
     assert main(["run", str(root / "tiny.yaml"), "--pruning.macs_ration=0.5"]) == 2

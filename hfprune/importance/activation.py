@@ -67,11 +67,12 @@ class ActivationImportance(Importance):
         finally:
             for h in handles:
                 h.remove()
-        if not sums:
-            raise ValueError("the calibration data is empty")
-        # sums and counts are reduced separately: a mean of per-rank means is wrong when ranks see unequal data
+        # sums and counts are reduced separately: a mean of per-rank means is wrong when ranks see unequal data;
+        # emptiness is judged after the reduction, so a rank without data does not leave the others waiting
         zeros = zero_scores(model)
         sums = reduce_across_processes({k: sums.get(k, z) + z for k, z in zeros.items()})
         counts = reduce_across_processes({k: torch.tensor(float(counts.get(k, 0)), device=device) for k in zeros})
+        if not any(float(c) > 0 for c in counts.values()):
+            raise ValueError("the calibration data is empty")
         return {k: sums[k] / counts[k].clamp_min(1.0) for k in zeros}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..apply import unwrap
-from ..structure import _base_layer, _is_conv1d, in_features
+from ..structure import in_features
 from .activation import watch_output_projections
 from .base import (
     Importance,
@@ -32,10 +32,11 @@ def fluctuation(total: torch.Tensor, squares: torch.Tensor, count: float, column
 
 
 def _column_norms(module) -> torch.Tensor:
-    """``|W[:, d]|^2`` for every input feature ``d`` of a Linear, Conv1D or LoRA-wrapped projection (its base)."""
-    base = _base_layer(module)
-    w = base.weight.detach().double()
-    return w.pow(2).sum(1) if _is_conv1d(base) else w.pow(2).sum(0)
+    """``|W[:, d]|^2`` for every input feature ``d`` of a Linear, Conv1D or LoRA-wrapped projection (with an
+    unmerged LoRA update included, as the forward pass applies it)."""
+    from ..recovery import _merged_weight  # here, not at import time: recovery imports this package
+
+    return _merged_weight(module).double().pow(2).sum(0)
 
 
 @register_importance
@@ -73,14 +74,15 @@ class FluctuationImportance(Importance):
         finally:
             for h in handles:
                 h.remove()
-        if not counts:
-            raise ValueError("the calibration data is empty")
-        # sums, squares and counts are reduced separately (every rank, every key) so unequal shards combine exactly
+        # sums, squares and counts are reduced separately (every rank, every key) so unequal shards combine exactly;
+        # emptiness is judged on the reduced counts, so a rank without data does not leave the others waiting
         features = {k: torch.zeros(in_features(m), dtype=torch.float64, device=device) for k, (m, _) in watched.items()}
         sums = reduce_across_processes({k: sums.get(k, z) + z for k, z in features.items()})
         squares = reduce_across_processes({k: squares.get(k, z) + z for k, z in features.items()})
         counts = reduce_across_processes({k: torch.tensor(float(counts.get(k, 0)), dtype=torch.float64,
                                                           device=device) for k in features})
+        if not any(float(c) > 0 for c in counts.values()):
+            raise ValueError("the calibration data is empty")
         scores = zero_scores(model)
         for key, (module, n) in watched.items():
             scores[key] = fluctuation(sums[key], squares[key], float(counts[key]), _column_norms(module).to(device),
