@@ -53,6 +53,9 @@ def test_reduced_scores_equal_one_process_on_all_batches(ranks):
             assert torch.allclose(torch.tensor(got["scores"][key]), torch.tensor(want["scores"][key]),
                                   rtol=1e-4, atol=1e-9), (name, key)
         assert got["plan"] == want["plan"], name
+    assert ranks[0]["bias"] == ranks[1]["bias"] and ranks[0]["bias"].keys() == reference["bias"].keys()
+    for key, delta in reference["bias"].items():  # compensation biases from the means over every rank's batches
+        assert torch.allclose(torch.tensor(ranks[0]["bias"][key]), torch.tensor(delta), rtol=1e-5, atol=1e-7), key
     for key, block in reference["fisher"]["blocks"].items():
         assert torch.allclose(torch.tensor(ranks[1]["fisher"]["blocks"][key]), torch.tensor(block),
                               rtol=1e-4, atol=1e-9)

@@ -43,6 +43,14 @@ def run(model, batches) -> dict:
                      "plan": plan.to_dict()}
         if name == "fisher":
             out[name]["blocks"] = {"/".join(map(str, k)): v.tolist() for k, v in sorted(criterion.blocks.items())}
+    # bias compensation: the calibration means (and so the folded biases) must be those of all ranks' batches
+    import copy
+
+    from hfprune.recovery import compensate_biases, tunable_blocks
+
+    kept = {key: list(range(0, module.in_features // width, 2)) for key, module, width in tunable_blocks(model)}
+    deltas = compensate_biases(copy.deepcopy(model), kept, batches)
+    out["bias"] = {"/".join(map(str, k)): v.tolist() for k, v in sorted(deltas.items())}
     return out
 
 
