@@ -47,7 +47,7 @@ from hfprune.latency import cpu_name, time_models  # noqa: E402
 from hfprune.schedule import ScheduleConfig  # noqa: E402
 
 MACS_RATIO = 0.33
-OUT = Path(__file__).parent / "results" / "gradual_minilm.md"
+RESULTS = Path(__file__).parent / "results"
 EARLIER_HEADER = "## Earlier runs of this benchmark"
 
 
@@ -105,9 +105,11 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--minutes", type=float, default=8.0, help="training wall-clock per arm")
     p.add_argument("--steps", type=int, default=400, help="max optimizer steps per arm (the time limit may stop first)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (data order, dropout); the split is fixed")
     p.add_argument("--teacher", default=None, help="teacher directory (default: the cached movie-review teacher)")
     a = p.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
+    out = RESULTS / ("gradual_minilm.md" if a.seed == 0 else f"gradual_minilm_seed{a.seed}.md")
     teacher_dir = Path(a.teacher) if a.teacher else movie_review_teacher()
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     data = tokenize_movie_reviews(tok, MOVIE_TEACHER["seed"], MOVIE_TEACHER["max_length"])
@@ -119,7 +121,7 @@ def main() -> None:
 
     def targs(name, steps):
         return TrainingArguments(f"/tmp/hfprune-gradual/{name}", max_steps=steps, learning_rate=5e-5,
-                                 per_device_train_batch_size=32, warmup_steps=0.05, weight_decay=0.01, seed=0,
+                                 per_device_train_batch_size=32, warmup_steps=0.05, weight_decay=0.01, seed=a.seed,
                                  save_strategy="no", report_to=[], logging_steps=25, use_cpu=True,
                                  disable_tqdm=True)
 
@@ -177,15 +179,15 @@ def main() -> None:
     text = "\n".join([
         "# Gradual pruning + distillation vs one-shot + fine-tuning (MiniLM, movie reviews)", "",
         f"Command: `flock /tmp/hfprune-bench.lock python benchmarks/gradual_minilm.py --minutes {a.minutes} "
-        f"--steps {a.steps}`", f"Machine: {machine}", "", *lines, "",
+        f"--steps {a.steps}" + (f" --seed {a.seed}" if a.seed else "") + "`", f"Machine: {machine}", "", *lines, "",
         f"Gradual schedule reached its last pruning step: {rows['gradual + distill']['schedule_done']}.", ""])
     print(text)
     # a hand-written record of earlier runs, if the file has one, is kept below the new table
-    existing = OUT.read_text() if OUT.is_file() else ""
+    existing = out.read_text() if out.is_file() else ""
     earlier = existing[existing.index(EARLIER_HEADER):] if EARLIER_HEADER in existing else ""
-    tmp = OUT.with_suffix(".tmp")
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(text + ("\n" + earlier if earlier else ""))
-    os.replace(tmp, OUT)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":
