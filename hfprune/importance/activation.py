@@ -40,6 +40,22 @@ def watch_output_projections(model, make_hook) -> list:
     return handles
 
 
+def watched_pass(model, batches, make_hook, what: str, current: dict | None = None) -> None:
+    """One no-grad pass over ``batches`` with :func:`watch_output_projections` hooks, removed afterwards even on
+    error; ``current["batch"]`` holds the batch being run, for hooks that need its attention mask."""
+    device = next(model.parameters()).device
+    current = {} if current is None else current
+    handles = watch_output_projections(model, make_hook)
+    try:
+        with torch.no_grad():
+            for batch in iterate(batches, what):
+                current["batch"] = to_device(batch, device)
+                model(**current["batch"])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @register_importance
 class ActivationImportance(Importance):
     name = "activation"
@@ -59,14 +75,7 @@ class ActivationImportance(Importance):
 
             return fn
 
-        handles = watch_output_projections(model, hook)
-        try:
-            with torch.no_grad():
-                for batch in iterate(batches, "activation"):
-                    model(**to_device(batch, device))
-        finally:
-            for h in handles:
-                h.remove()
+        watched_pass(model, batches, hook, self.name)
         # sums and counts are reduced separately: a mean of per-rank means is wrong when ranks see unequal data;
         # emptiness is judged after the reduction, so a rank without data does not leave the others waiting
         zeros = zero_scores(model)

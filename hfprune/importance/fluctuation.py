@@ -10,14 +10,12 @@ import torch
 
 from ..apply import unwrap
 from ..structure import in_features
-from .activation import watch_output_projections
+from .activation import watched_pass
 from .base import (
     Importance,
-    iterate,
     reduce_across_processes,
     register_importance,
     require_data,
-    to_device,
     zero_scores,
 )
 
@@ -54,7 +52,7 @@ class FluctuationImportance(Importance):
 
             def fn(_m, args):
                 x = args[0].detach().double()
-                mask = current.get("mask")
+                mask = current["batch"].get("attention_mask")
                 if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
                     x = x[mask.bool()]  # padding positions are not tokens
                 x = x.reshape(-1, x.shape[-1])
@@ -64,16 +62,7 @@ class FluctuationImportance(Importance):
 
             return fn
 
-        handles = watch_output_projections(model, hook)
-        try:
-            with torch.no_grad():
-                for batch in iterate(batches, self.name):
-                    batch = to_device(batch, device)
-                    current["mask"] = batch.get("attention_mask")
-                    model(**batch)
-        finally:
-            for h in handles:
-                h.remove()
+        watched_pass(model, batches, hook, self.name, current)
         # sums, squares and counts are reduced separately (every rank, every key) so unequal shards combine exactly;
         # emptiness is judged on the reduced counts, so a rank without data does not leave the others waiting
         features = {k: torch.zeros(in_features(m), dtype=torch.float64, device=device) for k, (m, _) in watched.items()}
