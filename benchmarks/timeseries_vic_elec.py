@@ -10,6 +10,7 @@ distil it from the teacher and report test MSE/MAE/MASE and the measured CPU spe
     flock /tmp/hfprune-bench.lock python benchmarks/timeseries_vic_elec.py           # full run, writes the table
     flock /tmp/hfprune-bench.lock python benchmarks/timeseries_vic_elec.py --quick   # smoke run, writes nothing
     ... --rebuild   # retrain the cached teachers
+    ... --latency-only   # PatchTST dense vs pruned latency only, more rounds (timeseries_vic_elec_latency.md)
 
 Metrics are on the standardised scale (each channel scaled with train-span statistics), averaged over both
 channels and the test windows (stride 48: every test step is forecast once); MASE divides by the in-window
@@ -219,8 +220,36 @@ def table(rows: list) -> str:
     return "\n".join(out)
 
 
+def latency_only(data, rounds: int = 31) -> str:
+    """PatchTST dense vs pruned (50% heads + 50% FFN, Fisher; the shapes every pruned row above has) at batch 64,
+    timed over more interleaved rounds than the full run: a second look at the speedup on a loaded machine."""
+    dense, _ = teacher("patchtst", data, False, False)
+    pruned = copy.deepcopy(dense)
+    hfprune.prune(pruned, calibration_batches(dense, data["train"]), hfprune.PruningConfig(criterion="fisher",
+                                                                                         **BUDGET))
+    batch = ForecastCollator(dense.config, future=False)([data["test"][i] for i in range(LATENCY["batch"])])
+    times = {}
+    for name, model in (("dense", dense), ("pruned", pruned)):
+        times[name] = call(model, batch)
+    med = latency(times, rounds, warmup=3)
+    load = os.getloadavg()
+    return "\n".join([
+        "# PatchTST on vic_elec: latency only (dense vs 50% heads + 50% FFN)", "",
+        "Command: `flock /tmp/hfprune-bench.lock python benchmarks/timeseries_vic_elec.py --latency-only`", "",
+        f"Machine: {machine()}; load average at the end {load[0]:.2f} (1 min).", "",
+        f"| model | median of {rounds} rounds, batch {LATENCY['batch']} | speedup |", "|---|---:|---:|",
+        f"| dense | {1000 * med['dense']:.1f} ms | 1.00x |",
+        f"| pruned | {1000 * med['pruned']:.1f} ms | {med['dense'] / med['pruned']:.2f}x |", ""])
+
+
 def main(argv: list) -> None:
     quick, rebuild = "--quick" in argv, "--rebuild" in argv
+    if "--latency-only" in argv:
+        text = latency_only(vic_elec_windows(**VIC_ELEC))
+        print(text)
+        path = Path(__file__).resolve().parent / "results" / "timeseries_vic_elec_latency.md"
+        path.write_text(text)
+        return
     torch.manual_seed(SEED)
     start = time.perf_counter()
     data = vic_elec_windows(**VIC_ELEC)
