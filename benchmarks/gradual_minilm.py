@@ -28,6 +28,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from common import TimeLimit  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -49,18 +50,6 @@ from hfprune.schedule import ScheduleConfig  # noqa: E402
 MACS_RATIO = 0.33
 RESULTS = Path(__file__).parent / "results"
 EARLIER_HEADER = "## Earlier runs of this benchmark"
-
-
-class TimeLimit(TrainerCallback):
-    def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start > self.seconds:
-            control.should_training_stop = True
 
 
 def accuracy(model, data, collator) -> float:

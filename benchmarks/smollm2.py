@@ -30,11 +30,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from common import TimeLimit  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
 )
 
@@ -136,20 +136,6 @@ def check_plain(model, probe: dict, directory: Path) -> dict:
     return {"class": type(reloaded).__name__, "max_logit_diff": diff,
             "layers": reloaded.config.num_hidden_layers, "heads": reloaded.config.num_attention_heads,
             "kv_heads": reloaded.config.num_key_value_heads, "ffn": reloaded.config.intermediate_size}
-
-
-class TimeLimit(TrainerCallback):
-    """Stop training once ``seconds`` of wall time have passed (the recovery budget)."""
-
-    def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, None
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start > self.seconds:
-            control.should_training_stop = True
 
 
 def lora_recover(model, train, args, workdir: Path) -> tuple:

@@ -219,26 +219,31 @@ class Handler(BaseHTTPRequestHandler):
         repo.branches[branch] = repo.branches["main"]
         self._send(200, {})
 
-    def _info(self, repo_id: str, revision: str):
+    def _revision(self, repo_id: str, revision: str):
+        """``(repo, sha, tree)`` of a readable repo at ``revision``, or ``None`` once the error reply is sent."""
         repo = self._repo(repo_id)
         if repo is None:
-            return
+            return None
         sha = repo.resolve(revision)
         if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        tree = repo.commits[sha]
+            self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+            return None
+        return repo, sha, repo.commits[sha]
+
+    def _info(self, repo_id: str, revision: str):
+        found = self._revision(repo_id, revision)
+        if found is None:
+            return
+        repo, sha, tree = found
         self._send(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
                          "author": repo_id.split("/")[0], "tags": [], "downloads": 0, "likes": 0,
                          "siblings": [{"rfilename": p, "size": len(b)} for p, b in sorted(tree.items())]})
 
     def _resolve(self, repo_id: str, revision: str, path: str):
-        repo = self._repo(repo_id)
-        if repo is None:
+        found = self._revision(repo_id, revision)
+        if found is None:
             return
-        sha = repo.resolve(revision)
-        if sha is None:
-            return self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
-        tree = repo.commits[sha]
+        _, sha, tree = found
         if path not in tree:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound")
         data = tree[path]
