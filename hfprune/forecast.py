@@ -201,6 +201,14 @@ def seasonal_naive(past: torch.Tensor, horizon: int, season: int) -> torch.Tenso
 GREEDY_FAMILIES = ("time_series_transformer", "informer", "autoformer")
 
 
+def reads_no_future(config) -> bool:
+    """Whether a lag-based seq2seq decoder never reads a horizon value: every lag reaches back past the horizon
+    start, so teacher-forced training sees exactly the inputs inference has (no exposure bias) and one decoder
+    pass gives the whole forecast."""
+    lags = getattr(config, "lags_sequence", None)
+    return bool(lags) and min(lags) >= config.prediction_length
+
+
 @torch.no_grad()
 def greedy_forecast(model, batch: dict, distribution: str | None = None) -> torch.Tensor:
     """Deterministic forecast of a seq2seq forecaster from the past alone.
@@ -211,6 +219,8 @@ def greedy_forecast(model, batch: dict, distribution: str | None = None) -> torc
     per step instead of ``num_parallel_samples``. (Informer with ProbSparse attention samples keys at random in
     every pass, so its forecast is only as deterministic as the model.) Autoformer decodes the whole horizon in
     one pass from the context (its future values only enter the loss), so its forecast is that pass's mean.
+    The same single pass is exact for a TimeSeriesTransformer or Informer whose shortest lag is at least the
+    horizon (e.g. ``lags_sequence=[48]`` for a 48-step forecast): no step then reads an earlier step's value.
     ``batch`` is the model's inference batch (``future_values`` is ignored); returns (B, H) or (B, H, C).
     """
     if model.config.model_type not in GREEDY_FAMILIES:
@@ -220,7 +230,7 @@ def greedy_forecast(model, batch: dict, distribution: str | None = None) -> torc
     horizon = model.config.prediction_length
     # unknown steps hold 0: the causal decoder reads step j only through the lags of steps > j
     future = past.new_zeros((past.shape[0], horizon) + tuple(past.shape[2:]))
-    if model.config.model_type == "autoformer":
+    if model.config.model_type == "autoformer" or reads_no_future(model.config):
         return point_forecast(model(**inputs, future_values=future), distribution)
     encoder = None
     for k in range(horizon):

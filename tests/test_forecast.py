@@ -15,6 +15,7 @@ from hfprune.forecast import (
     forecast_distribution,
     greedy_forecast,
     point_forecast,
+    reads_no_future,
     seasonal_naive,
 )
 
@@ -33,11 +34,12 @@ def _patched(loss="mse", distribution="student_t", mixer=False):
 
 
 def _seq2seq(cls=T.TimeSeriesTransformerForPrediction, config_cls=T.TimeSeriesTransformerConfig, input_size=1,
-             distribution="student_t", **extra):
+             distribution="student_t", lags_sequence=LAGS, **extra):
     torch.manual_seed(0)
     config = config_cls(input_size=input_size, prediction_length=HORIZON, context_length=CONTEXT,
-                        lags_sequence=LAGS, num_time_features=1, d_model=16, encoder_layers=1, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, distribution_output=distribution,
+                        lags_sequence=lags_sequence, num_time_features=1, d_model=16, encoder_layers=1,
+                        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                        distribution_output=distribution,
                         **extra)
     return cls(config).eval()
 
@@ -48,9 +50,9 @@ def _patched_batch(seed=0):
             "future_values": torch.randn(B, HORIZON, C, generator=g)}
 
 
-def _seq2seq_batch(input_size=1, seed=0):
+def _seq2seq_batch(input_size=1, seed=0, lags=LAGS):
     g = torch.Generator().manual_seed(seed)
-    past = CONTEXT + max(LAGS)
+    past = CONTEXT + max(lags)
     shape = (B, past) if input_size == 1 else (B, past, input_size)
     future = (B, HORIZON) if input_size == 1 else (B, HORIZON, input_size)
     return {"past_values": torch.randn(*shape, generator=g).abs() + 1, "past_observed_mask": torch.ones(*shape),
@@ -134,6 +136,9 @@ SEQ2SEQ = {
     "time_series_transformer": (T.TimeSeriesTransformerForPrediction, T.TimeSeriesTransformerConfig, {}),
     "informer": (T.InformerForPrediction, T.InformerConfig, {"attention_type": "full"}),  # ProbSparse samples keys
     "autoformer": (T.AutoformerForPrediction, T.AutoformerConfig, {"label_length": 4}),
+    # shortest lag >= horizon: greedy_forecast takes its single-pass path
+    "time_series_transformer, seasonal lags": (T.TimeSeriesTransformerForPrediction, T.TimeSeriesTransformerConfig,
+                                               {"lags_sequence": [HORIZON, HORIZON + 1]}),
 }
 
 
@@ -145,8 +150,10 @@ def test_greedy_forecast_is_generate_with_every_sample_replaced_by_its_mean(fami
     from transformers.time_series_utils import AffineTransformed
 
     cls, config_cls, extra = SEQ2SEQ[family]
+    extra = {"lags_sequence": LAGS, **extra}
     model = _seq2seq(cls, config_cls, input_size=input_size, num_parallel_samples=1, **extra)
-    batch = _seq2seq_batch(input_size=input_size)
+    batch = _seq2seq_batch(input_size=input_size, lags=extra["lags_sequence"])
+    assert reads_no_future(model.config) == ("seasonal lags" in family)
     forecast = greedy_forecast(model, batch)
     monkeypatch.setattr(AffineTransformed, "sample", lambda self, sample_shape=(): self.mean)
     inputs = {k: v for k, v in batch.items() if k != "future_values"}

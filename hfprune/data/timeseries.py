@@ -274,7 +274,10 @@ def vic_elec_windows(seed: int = 0, context_length: int = 336, prediction_length
 # ---- cached vic_elec teachers --------------------------------------------------------------------------------------
 
 # Windows every vic_elec teacher, benchmark and recipe uses: one week of context, one day ahead; the past carries
-# 48 extra steps for the daily lag of the seq2seq teacher.
+# 48 extra steps for the daily lag of the seq2seq teacher. That lag is its only one: a lag shorter than the horizon
+# makes the decoder read its own earlier forecasts, and with lags 1-7 it learnt to copy the previous step, which
+# teacher forcing rewards and a 48-step forecast compounds (validation MSE 0.52 greedy against 0.009 teacher-forced,
+# worse than seasonal naive; with lag 48 alone 0.24 after 600 steps, naive 0.40).
 VIC_ELEC = {"context_length": 336, "prediction_length": 48, "extra_past": 48,
             "strides": {"train": 2, "validation": 48, "test": 48}}
 VIC_ELEC_TEACHERS = {
@@ -285,12 +288,12 @@ VIC_ELEC_TEACHERS = {
         "train": {"steps": 1500, "lr": 1e-3, "batch": 32, "seed": 0},
     },
     "time_series_transformer": {
-        "config": dict(input_size=2, prediction_length=48, context_length=336, lags_sequence=[1, 2, 3, 4, 5, 6, 7, 48],
+        "config": dict(input_size=2, prediction_length=48, context_length=336, lags_sequence=[48],
                        num_time_features=NUM_TIME_FEATURES, d_model=32, encoder_layers=2, decoder_layers=2,
                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
                        dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0,
                        decoder_layerdrop=0.0, scaling="std"),
-        "train": {"steps": 2400, "lr": 1e-3, "batch": 32, "seed": 0},
+        "train": {"steps": 1500, "lr": 1e-3, "batch": 32, "seed": 0},
     },
 }
 
