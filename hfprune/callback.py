@@ -34,7 +34,7 @@ from .apply import apply_plan, unwrap
 from .arch import get_adapter
 from .config import PruningConfig
 from .importance import get_importance
-from .importance.activation import watch_output_projections
+from .importance.activation import token_rows, watch_output_projections
 from .masking import Masks
 from .plan import PrunePlan
 from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
@@ -292,16 +292,22 @@ class PruningCallback(TrainerCallback):
     # -- activations ---------------------------------------------------------------------------
 
     def _watch_activations(self) -> None:
+        current = {}
+
+        def remember_batch(_m, _args, kwargs):  # the attention mask tells the hooks below which rows are padding
+            current["attention_mask"] = kwargs.get("attention_mask")
+
         def make_hook(key, groups, _module):
             def hook(mod, args):
                 if not mod.training:
                     return
-                x = args[0].detach().float()  # (..., groups * width), already gated
+                x = token_rows(args[0].detach().float(), current)  # (tokens, groups * width), already gated
                 per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1).sum(0)  # (groups,)
                 self._act_buffer[key] = self._act_buffer.get(key, 0) + per
 
             return hook
 
+        self._act_handles.append(self.model.register_forward_pre_hook(remember_batch, with_kwargs=True))
         self._act_handles.extend(watch_output_projections(self.model, make_hook))
 
     def _flush_activations(self) -> None:

@@ -55,6 +55,25 @@ def test_fluctuation_by_hand():
     assert torch.allclose(got.double(), expected, rtol=1e-4)
 
 
+def test_activation_by_hand_leaves_out_padding():
+    """Minitron's score: mean over the (non-padding) tokens of each head's output norm at the output projection."""
+    case = CASES["bert"]
+    model = case.build("eager").eval()
+    batches = [case.inputs(0), case.inputs(1)]
+    assert any((b["attention_mask"] == 0).any() for b in batches)  # the case must have padding to test this
+    attn_out = model.bert.encoder.layer[1].attention.output.dense
+    seen = []
+    handle = attn_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    tokens = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)])  # (N, 32)
+    expected = tokens.reshape(-1, 4, 8).norm(dim=-1).mean(0)  # 4 heads of 8 features
+    got = get_importance("activation").score(model, batches)[("layers", 1, "heads")]
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
 def test_fisher_is_a_sum_of_squared_per_example_gate_gradients():
     case = CASES["bert"]
     model = case.build("eager").eval()

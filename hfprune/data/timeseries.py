@@ -375,3 +375,9 @@ def vic_elec_teacher(name: str = "patchtst", rebuild: bool = False):
             shutil.rmtree(target)
         os.replace(out, target)  # atomic: a half-trained teacher is never found in the cache
     return target
+
+
+def vic_elec_tst_teacher(rebuild: bool = False):
+    """Directory of the TimeSeriesTransformer vic_elec teacher (``vic_elec_teacher("time_series_transformer")``),
+    for a recipe's ``model.path: hfprune.data.timeseries:vic_elec_tst_teacher``."""
+    return vic_elec_teacher("time_series_transformer", rebuild=rebuild)

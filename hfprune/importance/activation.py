@@ -56,6 +56,15 @@ def watched_pass(model, batches, make_hook, what: str, current: dict | None = No
             h.remove()
 
 
+def token_rows(x: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``x`` (batch, seq, features) as (tokens, features) rows, without the padding positions of ``batch``'s
+    attention mask (when the mask matches ``x``'s leading shape; other inputs keep every row)."""
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        x = x[mask.bool()]
+    return x.reshape(-1, x.shape[-1])
+
+
 @register_importance
 class ActivationImportance(Importance):
     name = "activation"
@@ -64,18 +73,18 @@ class ActivationImportance(Importance):
         require_data(self.name, batches)
         model = unwrap(model)
         device = next(model.parameters()).device
-        sums, counts = {}, {}
+        sums, counts, current = {}, {}, {}
 
         def hook(key, groups, _module):
             def fn(_m, args):
-                x = args[0].detach().float()  # (..., groups * width)
+                x = token_rows(args[0].detach().float(), current["batch"])  # (tokens, groups * width), no padding
                 per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1)  # (tokens, groups)
                 sums[key] = sums.get(key, 0) + per.sum(0)
                 counts[key] = counts.get(key, 0) + per.shape[0]
 
             return fn
 
-        watched_pass(model, batches, hook, self.name)
+        watched_pass(model, batches, hook, self.name, current)
         # sums and counts are reduced separately: a mean of per-rank means is wrong when ranks see unequal data;
         # emptiness is judged after the reduction, so a rank without data does not leave the others waiting
         zeros = zero_scores(model)

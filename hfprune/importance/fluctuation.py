@@ -10,7 +10,7 @@ import torch
 
 from ..apply import unwrap
 from ..structure import in_features
-from .activation import watched_pass
+from .activation import token_rows, watched_pass
 from .base import (
     Importance,
     reduce_across_processes,
@@ -51,11 +51,7 @@ class FluctuationImportance(Importance):
             watched[key] = (module, n)
 
             def fn(_m, args):
-                x = args[0].detach().double()
-                mask = current["batch"].get("attention_mask")
-                if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                    x = x[mask.bool()]  # padding positions are not tokens
-                x = x.reshape(-1, x.shape[-1])
+                x = token_rows(args[0].detach().double(), current["batch"])  # padding positions are not tokens
                 sums[key] = sums.get(key, 0) + x.sum(0)
                 squares[key] = squares.get(key, 0) + x.pow(2).sum(0)
                 counts[key] = counts.get(key, 0) + x.shape[0]
