@@ -50,6 +50,7 @@ from hfprune.data.timeseries import (  # noqa: E402
 )
 from hfprune.distill import DistillationConfig, DistillationTrainer  # noqa: E402
 from hfprune.forecast import (  # noqa: E402
+    channel_series,
     distribution_kind,
     greedy_forecast,
     point_forecast,
@@ -113,10 +114,7 @@ METRICS = {name: metrics.load(name) for name in ("mse", "mae", "mase")}
 
 def scores(pred: np.ndarray, target: np.ndarray, past: np.ndarray) -> dict:
     """MSE, MAE and MASE (seasonal period 48, scaled per window and channel by its own past)."""
-    # one series per (window, channel)
-    p = pred.transpose(0, 2, 1).reshape(-1, pred.shape[1])
-    r = target.transpose(0, 2, 1).reshape(-1, target.shape[1])
-    h = past.transpose(0, 2, 1).reshape(-1, past.shape[1])
+    p, r, h = (channel_series(torch.from_numpy(np.asarray(a))).numpy() for a in (pred, target, past))
     return {"mse": METRICS["mse"].compute(predictions=p.tolist(), references=r.tolist())["mse"],
             "mae": METRICS["mae"].compute(predictions=p.tolist(), references=r.tolist())["mae"],
             "mase": METRICS["mase"].compute(predictions=p.tolist(), references=r.tolist(), training=h.tolist(),

@@ -20,6 +20,7 @@ bias-only blocks.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -293,9 +294,16 @@ class PruningCallback(TrainerCallback):
 
     def _watch_activations(self) -> None:
         current = {}
+        signature = inspect.signature(self.model.forward)
 
-        def remember_batch(_m, _args, kwargs):  # the attention mask tells the hooks below which rows are padding
-            current["attention_mask"] = kwargs.get("attention_mask")
+        def remember_batch(_m, args, kwargs):  # the attention mask tells the hooks below which rows are padding
+            try:
+                current["attention_mask"] = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                current["attention_mask"] = kwargs.get("attention_mask")
+
+        def forget_batch(_m, _args, _output):  # a later forward that skips the top level sees no stale mask
+            current.clear()
 
         def make_hook(key, groups, _module):
             def hook(mod, args):
@@ -308,6 +316,7 @@ class PruningCallback(TrainerCallback):
             return hook
 
         self._act_handles.append(self.model.register_forward_pre_hook(remember_batch, with_kwargs=True))
+        self._act_handles.append(self.model.register_forward_hook(forget_batch))
         self._act_handles.extend(watch_output_projections(self.model, make_hook))
 
     def _flush_activations(self) -> None:

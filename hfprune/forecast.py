@@ -201,10 +201,20 @@ def seasonal_naive(past: torch.Tensor, horizon: int, season: int) -> torch.Tenso
 GREEDY_FAMILIES = ("time_series_transformer", "informer", "autoformer")
 
 
+def channel_series(x: torch.Tensor) -> torch.Tensor:
+    """Forecast arrays as one row per series for the per-series metrics (MASE): (B, T) stays, (B, T, C) becomes
+    (B * C, T), window-major. Flattening (B, T, C) row-wise instead would interleave the channels in time."""
+    if x.dim() == 2:
+        return x
+    if x.dim() != 3:
+        raise ValueError(f"expected (batch, time) or (batch, time, channels), got shape {tuple(x.shape)}")
+    return x.transpose(1, 2).reshape(-1, x.shape[1])
+
+
 def reads_no_future(config) -> bool:
-    """Whether a lag-based seq2seq decoder never reads a horizon value: every lag reaches back past the horizon
-    start, so teacher-forced training sees exactly the inputs inference has (no exposure bias) and one decoder
-    pass gives the whole forecast."""
+    """Whether a lag-based seq2seq decoder never reads a horizon value: every lag reaches back to or before the
+    last observed step, so teacher-forced training sees exactly the inputs inference has (no exposure bias) and
+    one decoder pass gives the whole forecast."""
     lags = getattr(config, "lags_sequence", None)
     return bool(lags) and min(lags) >= config.prediction_length
 

@@ -240,7 +240,7 @@ def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
             preds += model(**batch).logits.argmax(-1).tolist()
             refs += labels.tolist()
         else:
-            from .forecast import greedy_forecast, point_forecast
+            from .forecast import channel_series, greedy_forecast, point_forecast
 
             # The model must not see the future: seq2seq families would read it through their lags (teacher
             # forcing), so they forecast greedily from the past alone.
@@ -250,9 +250,11 @@ def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
                 pred = greedy_forecast(model, batch)
             else:
                 pred = point_forecast(model(**batch))  # (B, H, C)
-            preds += pred.flatten(1).tolist()
-            refs += future.flatten(1).tolist()
-            history += batch["past_values"].flatten(1).tolist()
+            # one series per window and channel; MASE scales each by the naive error of its own context
+            context = batch["past_values"][:, -model.config.context_length:]
+            preds += channel_series(pred).tolist()
+            refs += channel_series(future).tolist()
+            history += channel_series(context).tolist()
     out = {}
     for name in recipe.evaluation.metrics:
         metric = hf_metrics.load(name)

@@ -144,8 +144,10 @@ def test_other_score_sources(tmp_path, criterion):
     assert estimate(model).macs <= BUDGET * dense.macs
 
 
-def test_activation_scores_from_training_leave_out_padding():
-    """The callback's activation buffer is the sum over non-padding tokens of each head's output norm."""
+@pytest.mark.parametrize("positional", [False, True])
+def test_activation_scores_from_training_leave_out_padding(positional):
+    """The callback's activation buffer is the sum over non-padding tokens of each head's output norm, whether the
+    attention mask comes by keyword or by position."""
     model = tiny_bert(0).train()
     callback = PruningCallback(PruningConfig(criterion="activation", macs_ratio=BUDGET),
                                ScheduleConfig(kind="oneshot", start_step=2))
@@ -156,15 +158,17 @@ def test_activation_scores_from_training_leave_out_padding():
     out_proj = model.bert.encoder.layer[1].attention.output.dense
     handle = out_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     callback._watch_activations()
-    torch.manual_seed(0)
-    model(**inputs)
+    if positional:
+        model(inputs["input_ids"], inputs["attention_mask"])
+    else:
+        model(**inputs)
     callback._unwatch_activations()
     handle.remove()
     tokens = seen[0][inputs["attention_mask"].bool()]  # (non-padding tokens, hidden)
     heads = model.config.num_attention_heads
     expected = tokens.reshape(len(tokens), heads, -1).norm(dim=-1).sum(0)
     torch.testing.assert_close(callback._act_buffer[("layers", 1, "heads")], expected)
-    assert not model._forward_pre_hooks  # unwatching removes the batch hook too
+    assert not model._forward_pre_hooks and not model._forward_hooks  # unwatching removes the batch hooks too
 
 
 def test_calibration_scores_allow_pruning_at_step_zero(tmp_path):

@@ -244,6 +244,30 @@ def patchtst_dir(root):
     return root
 
 
+def test_forecast_mase_scores_each_window_and_channel_as_one_series(tmp_path):
+    """MASE by hand: per window and channel, the forecast's mean absolute error over the seasonal-naive error of
+    that channel's own context; then the mean over all of them."""
+    import numpy as np
+
+    from hfprune.data.timeseries import ForecastCollator
+    from hfprune.recipe import load_recipe
+    from hfprune.run import evaluate_model
+
+    model = T.PatchTSTForPrediction.from_pretrained(patchtst_dir(tmp_path / "model")).eval()
+    rows = series_windows()["test"]
+    batch = ForecastCollator(model.config)([rows[i] for i in range(len(rows))])
+    recipe = load_recipe({"name": "t", "model": {"path": str(tmp_path / "model"), "task": "forecasting"},
+                          "pruning": {"criterion": "magnitude", "macs_ratio": 0.5},
+                          "evaluation": {"metrics": ["mase"], "periodicity": 4}})
+    got = evaluate_model(recipe, model, [dict(batch)])["mase"]
+    with torch.no_grad():
+        pred = model(past_values=batch["past_values"]).prediction_outputs.numpy()  # (B, H, C)
+    past, future = batch["past_values"].numpy(), batch["future_values"].numpy()
+    ratios = [np.abs(pred[b, :, c] - future[b, :, c]).mean() / np.abs(past[b, 4:, c] - past[b, :-4, c]).mean()
+              for b in range(len(pred)) for c in range(pred.shape[2])]
+    assert got == pytest.approx(float(np.mean(ratios)), rel=1e-5)
+
+
 @pytest.mark.parametrize("task, build, loader, metric_names", [
     ("causal-lm", llama_dir, "tests.test_cli:lm_blocks", ["perplexity"]),
     ("forecasting", patchtst_dir, "tests.test_cli:series_windows", ["mse", "mae", "mase"]),

@@ -9,6 +9,7 @@ import transformers as T
 from torch import distributions as D
 
 from hfprune.forecast import (
+    channel_series,
     distribution_kind,
     distribution_kl,
     forecast_distill_loss,
@@ -161,6 +162,22 @@ def test_greedy_forecast_is_generate_with_every_sample_replaced_by_its_mean(fami
         expected = model.generate(**inputs).sequences[:, 0]
     assert forecast.shape == batch["future_values"].shape
     torch.testing.assert_close(forecast, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reads_no_future_needs_every_lag_at_least_the_horizon():
+    config = T.TimeSeriesTransformerConfig(prediction_length=HORIZON, lags_sequence=[HORIZON - 1, HORIZON])
+    assert not reads_no_future(config)  # lag H-1: the last horizon step reads the first
+    config.lags_sequence = [HORIZON, 2 * HORIZON]
+    assert reads_no_future(config)
+    assert not reads_no_future(T.PatchTSTConfig(prediction_length=HORIZON))  # no lags: not a lag-based decoder
+
+
+def test_channel_series_keeps_each_channel_whole():
+    x = torch.arange(2 * 3 * 2).reshape(2, 3, 2)  # (windows, time, channels)
+    assert channel_series(x).tolist() == [[0, 2, 4], [1, 3, 5], [6, 8, 10], [7, 9, 11]]
+    assert channel_series(x[..., 0]).tolist() == [[0, 2, 4], [6, 8, 10]]
+    with pytest.raises(ValueError, match="expected"):
+        channel_series(x[0, 0])
 
 
 def test_two_parameter_heads_need_the_name_and_negative_binomial_is_refused():

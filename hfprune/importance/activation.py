@@ -61,7 +61,7 @@ def token_rows(x: torch.Tensor, batch: dict) -> torch.Tensor:
     attention mask (when the mask matches ``x``'s leading shape; other inputs keep every row)."""
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-        x = x[mask.bool()]
+        x = x[mask.to(x.device).bool()]  # a model split over devices: the mask stays on the first
     return x.reshape(-1, x.shape[-1])
 
 
