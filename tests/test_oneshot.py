@@ -35,6 +35,17 @@ def test_magnitude_by_hand():
     assert torch.allclose(got, expected.float(), rtol=1e-5)
 
 
+def _non_padding_inputs(model, module, batches) -> torch.Tensor:
+    """``module``'s inputs over ``batches`` as (non-padding tokens, features) rows."""
+    seen = []
+    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    handle.remove()
+    return torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)])
+
+
 def test_fluctuation_by_hand():
     """FLAP's score: variance over the (non-padding) tokens of each input feature of the output projection, times
     the squared norm of its weight column, summed over the unit's features."""
@@ -42,13 +53,7 @@ def test_fluctuation_by_hand():
     model = case.build("eager").eval()
     batches = [case.inputs(0), case.inputs(1)]
     attn_out = model.bert.encoder.layer[1].attention.output.dense
-    seen = []
-    handle = attn_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-    handle.remove()
-    tokens = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)]).double()  # (N, 32)
+    tokens = _non_padding_inputs(model, attn_out, batches).double()  # (N, 32)
     per_feature = tokens.var(0, unbiased=False) * attn_out.weight.detach().double().pow(2).sum(0)
     expected = per_feature.reshape(4, 8).sum(-1)  # 4 heads of 8 features
     got = get_importance("fluctuation").score(model, batches)[("layers", 1, "heads")]
@@ -61,14 +66,7 @@ def test_activation_by_hand_leaves_out_padding():
     model = case.build("eager").eval()
     batches = [case.inputs(0), case.inputs(1)]
     assert any((b["attention_mask"] == 0).any() for b in batches)  # the case must have padding to test this
-    attn_out = model.bert.encoder.layer[1].attention.output.dense
-    seen = []
-    handle = attn_out.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-    handle.remove()
-    tokens = torch.cat([x[b["attention_mask"].bool()] for x, b in zip(seen, batches)])  # (N, 32)
+    tokens = _non_padding_inputs(model, model.bert.encoder.layer[1].attention.output.dense, batches)  # (N, 32)
     expected = tokens.reshape(-1, 4, 8).norm(dim=-1).mean(0)  # 4 heads of 8 features
     got = get_importance("activation").score(model, batches)[("layers", 1, "heads")]
     assert torch.allclose(got, expected, rtol=1e-5)
