@@ -221,6 +221,11 @@ def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
     from .importance.base import iterate, to_device
 
     task = recipe.model.task
+    context = getattr(model.config, "context_length", None)
+    if task == "forecasting" and "mase" in recipe.evaluation.metrics and context is not None \
+            and recipe.evaluation.periodicity >= context:
+        raise ValueError(f"evaluation.periodicity={recipe.evaluation.periodicity} must be below the model's "
+                         f"context_length={context}: MASE scales by the seasonal-naive error within the context")
     device = next(model.parameters()).device
     model.eval()
     # the same random stream for every model evaluated: Informer's ProbSparse attention samples keys in forward

@@ -256,9 +256,9 @@ def test_forecast_mase_scores_each_window_and_channel_as_one_series(tmp_path):
     model = T.PatchTSTForPrediction.from_pretrained(patchtst_dir(tmp_path / "model")).eval()
     rows = series_windows()["test"]
     batch = ForecastCollator(model.config)([rows[i] for i in range(len(rows))])
-    recipe = load_recipe({"name": "t", "model": {"path": str(tmp_path / "model"), "task": "forecasting"},
-                          "pruning": {"criterion": "magnitude", "macs_ratio": 0.5},
-                          "evaluation": {"metrics": ["mase"], "periodicity": 4}})
+    spec = {"name": "t", "model": {"path": str(tmp_path / "model"), "task": "forecasting"},
+            "pruning": {"criterion": "magnitude", "macs_ratio": 0.5}}
+    recipe = load_recipe({**spec, "evaluation": {"metrics": ["mase"], "periodicity": 4}})
     got = evaluate_model(recipe, model, [dict(batch)])["mase"]
     with torch.no_grad():
         pred = model(past_values=batch["past_values"]).prediction_outputs.numpy()  # (B, H, C)
@@ -266,6 +266,9 @@ def test_forecast_mase_scores_each_window_and_channel_as_one_series(tmp_path):
     ratios = [np.abs(pred[b, :, c] - future[b, :, c]).mean() / np.abs(past[b, 4:, c] - past[b, :-4, c]).mean()
               for b in range(len(pred)) for c in range(pred.shape[2])]
     assert got == pytest.approx(float(np.mean(ratios)), rel=1e-5)
+    too_long = load_recipe({**spec, "evaluation": {"metrics": ["mase"], "periodicity": 32}})
+    with pytest.raises(ValueError, match="periodicity=32 must be below the model's context_length=32"):
+        evaluate_model(too_long, model, [dict(batch)])
 
 
 @pytest.mark.parametrize("task, build, loader, metric_names", [
@@ -281,7 +284,7 @@ def test_other_tasks_run(tmp_path, task, build, loader, metric_names):
         "data": {"loader": loader, "calibration_samples": 8, "calibration_batch_size": 4},
         "pruning": {"criterion": "fisher", "macs_ratio": 0.5},
         "evaluation": {"metrics": metric_names, "latency_batch_size": 2, "latency_seq_len": 8, "latency_rounds": 1,
-                       "periodicity": 48},
+                       "periodicity": 8},  # below the 32-step context: MASE needs a seasonal-naive error
         "output": {"dir": str(tmp_path / "out")}})
     result = run(recipe).results
     assert set(metric_names) <= set(result["metrics"]["after"])
