@@ -256,10 +256,9 @@ def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
             else:
                 pred = point_forecast(model(**batch))  # (B, H, C)
             # one series per window and channel; MASE scales each by the naive error of its own context
-            context = batch["past_values"][:, -model.config.context_length:]
             preds += channel_series(pred).tolist()
             refs += channel_series(future).tolist()
-            history += channel_series(context).tolist()
+            history += channel_series(batch["past_values"][:, -context:]).tolist()
     out = {}
     for name in recipe.evaluation.metrics:
         metric = hf_metrics.load(name)
