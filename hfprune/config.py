@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 SCOPES = ("global", "per_layer", "uniform")
 NORMALIZE = ("auto", "none", "layer")
-RECOVERY = ("auto", "none", "rearrange", "lstsq", "full")
+RECOVERY = ("auto", "none", "rearrange", "lstsq", "full", "obs")
 NEEDS_FISHER_BLOCKS = ("rearrange", "full")
 
 
@@ -28,9 +28,12 @@ class PruningConfig:
     ``recovery`` (Kwon et al. 2022, needs calibration data): ``rearrange`` re-picks which heads/neurons each
     layer keeps from the layer's full Fisher matrix (criterion ``fisher`` only), ``lstsq`` fits the kept
     heads'/neurons' output scales per layer by least squares to the dense layer's output and folds them into
-    the weights, ``full`` does both, ``none`` neither. ``auto`` means ``rearrange`` for ``fisher`` and ``none``
-    for the other criteria: on the MiniLM movie-review benchmark rearrangement helped (-1.13 instead of -1.98
-    accuracy points at 50% MACs, equal at 60%) while least-squares tuning hurt (benchmarks/oneshot_minilm.py).
+    the weights, ``full`` does both, ``none`` neither. ``obs`` (structured Optimal Brain Surgeon, ZipLM/SlimGPT;
+    any criterion) keeps each layer's counts but re-picks its FFN neurons and updates every pruned block's output
+    projection to reconstruct that projection's output on calibration data (:mod:`hfprune.obs`). ``auto`` means
+    ``rearrange`` for ``fisher`` and ``none`` for the other criteria: on the MiniLM movie-review benchmark
+    rearrangement helped (-1.13 instead of -1.98 accuracy points at 50% MACs, equal at 60%) while least-squares
+    tuning hurt (benchmarks/oneshot_minilm.py).
     ``bias_compensation`` (FLAP, An et al. 2024) replaces each removed unit's output with its calibration mean,
     folded into the output projection's bias.
 
@@ -68,7 +71,7 @@ class PruningConfig:
     bias_compensation: bool = field(default=False, metadata={
         "help": "fold the calibration mean of every removed head's/neuron's output into the output projection's "
                 "bias (FLAP); adds the bias where the stock config can (Llama attention_bias/mlp_bias); needs "
-                "calibration data; not with recovery lstsq/full"})
+                "calibration data; not with recovery lstsq/full/obs"})
     recovery_examples: int | None = field(default=128, metadata={
         "help": "mask tuning and bias compensation use the first this many calibration examples (None: all); for "
                 "mask tuning each example gives tokens x hidden equations for a few thousand unknowns per layer"})
@@ -118,10 +121,10 @@ class PruningConfig:
         if self.recovery in NEEDS_FISHER_BLOCKS and self.criterion != "fisher":
             raise ValueError(f"recovery={self.recovery!r} re-picks heads/neurons from Fisher information and needs "
                              f"criterion='fisher', not {self.criterion!r}; use recovery='lstsq' or 'none'")
-        if self.bias_compensation and self.resolved_recovery in ("lstsq", "full"):
-            raise ValueError(f"bias_compensation=True with recovery={self.recovery!r}: mask tuning already fits the "
-                             "kept units to the dense output, and a bias added afterwards would count the removed "
-                             "units twice; use recovery 'none' or 'rearrange' with it")
+        if self.bias_compensation and self.resolved_recovery in ("lstsq", "full", "obs"):
+            raise ValueError(f"bias_compensation=True with recovery={self.recovery!r}: that recovery already fits the "
+                             "kept units to the output with the removed units, and a bias added afterwards would "
+                             "count them twice; use recovery 'none' or 'rearrange' with it")
 
     @property
     def resolved_recovery(self) -> str:

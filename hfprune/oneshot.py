@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import cost, recovery, select
+from . import cost, obs, recovery, select
 from .apply import apply_plan, model_dims, unwrap
 from .arch import get_adapter
 from .config import PruningConfig
@@ -213,6 +213,8 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
         scales = None
         if mode in ("lstsq", "full"):
             scales = recovery.tune_scales(target, kept, calibration, max_examples=config.recovery_examples)
+        if mode == "obs":
+            kept = obs.reconstruct(target, kept, calibration, max_examples=config.recovery_examples)
         if config.bias_compensation:
             recovery.compensate_biases(target, kept, calibration, max_examples=config.recovery_examples)
             mode = "bias" if mode == "none" else f"{mode}+bias"

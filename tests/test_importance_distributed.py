@@ -59,3 +59,16 @@ def test_reduced_scores_equal_one_process_on_all_batches(ranks):
     for key, block in reference["fisher"]["blocks"].items():
         assert torch.allclose(torch.tensor(ranks[1]["fisher"]["blocks"][key]), torch.tensor(block),
                               rtol=1e-4, atol=1e-9)
+
+
+def test_obs_reconstruction_uses_every_ranks_batches(ranks):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import score_distributed
+
+    reference = score_distributed.run(*score_distributed.build())["obs"]
+    assert ranks[0]["obs"].keys() == reference.keys() and len(reference) == 6  # 3 layers x (attention, FFN)
+    for key, want in reference.items():
+        for rank in ranks:
+            assert rank["obs"][key]["kept"] == want["kept"], key
+            assert torch.allclose(torch.tensor(rank["obs"][key]["weight"]), torch.tensor(want["weight"]),
+                                  rtol=1e-4, atol=1e-6), key

@@ -51,6 +51,14 @@ def run(model, batches) -> dict:
     kept = {key: list(range(0, module.in_features // width, 2)) for key, module, width in tunable_blocks(model)}
     deltas = compensate_biases(copy.deepcopy(model), kept, batches)
     out["bias"] = {"/".join(map(str, k)): v.tolist() for k, v in sorted(deltas.items())}
+    # structured OBS: the input Hessians (and so the picks and the updated weights) must be those of all batches
+    from hfprune.obs import reconstruct
+
+    tuned = copy.deepcopy(model)
+    picked = reconstruct(tuned, kept, batches)
+    modules = {key: module for key, module, _ in tunable_blocks(tuned)}
+    out["obs"] = {"/".join(map(str, k)): {"kept": list(v), "weight": modules[k].weight.tolist()}
+                  for k, v in sorted(picked.items())}
     return out
 
 
