@@ -73,7 +73,7 @@ class PruningConfig:
                 "bias (FLAP); adds the bias where the stock config can (Llama attention_bias/mlp_bias); needs "
                 "calibration data; not with recovery lstsq/full/obs"})
     recovery_examples: int | None = field(default=128, metadata={
-        "help": "mask tuning and bias compensation use the first this many calibration examples (None: all); for "
+        "help": "mask tuning, OBS and bias compensation use the first this many calibration examples (None: all); for "
                 "mask tuning each example gives tokens x hidden equations for a few thousand unknowns per layer"})
     calibration_batch_size: int = field(default=32, metadata={
         "help": "batch size when the calibration data is a datasets.Dataset"})

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .apply import unwrap
+from .apply import model_dims, unwrap
 from .arch import get_adapter
 from .importance.base import iterate, reduce_across_processes
 from .recovery import _base_layer, _is_conv1d, _merged_weight, _recovery_batches, _Stop, _tokens, tunable_blocks
@@ -34,12 +34,15 @@ DAMP = 0.01  # relative to the mean diagonal of H, as in SparseGPT: keeps rarely
 
 
 def damped_inverse(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """``(H + damp * mean(diag H) * I)^-1`` in float64. Inputs that never fire (zero rows) stay invertible."""
+    """``(H + damp * mean(diag H) * I)^-1`` in float64. Without damping, inputs that never fire (zero rows) get a
+    unit diagonal so that the matrix stays invertible (with damping they cost ``damp`` times nothing to remove)."""
     h = hessian.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    scale = h.diagonal().mean()
-    h.diagonal().add_(damp * float(scale))
+    lam = damp * float(h.diagonal().mean())
+    if lam > 0:
+        h.diagonal().add_(lam)
+    else:
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1.0
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
@@ -79,6 +82,7 @@ def greedy_drop(weight: torch.Tensor, hinv: torch.Tensor, count: int) -> tuple:
         row = hinv[j] - u[:t, j] @ u[:t]  # row j of the current Hinv
         pivot = row[j]
         a, c = w[j].clone(), row / pivot
+        c[~alive] = 0  # removed units stay exactly zero (their Hinv rows are only zero up to rounding)
         norms += c * (c * (a @ a) - 2 * (w @ a))  # ||w_i - c_i a||^2, without a second pass over w
         w.addr_(c, a, alpha=-1.0)
         u[t] = row / pivot.sqrt()
@@ -96,39 +100,45 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
     projection is updated in place, its removed columns zeroed. ``kept``: ``{block key: kept indices}``
     (missing: kept whole). Returns ``kept`` with the FFN blocks' new choices.
 
-    Raises ``ValueError`` for families whose layers do not simply feed each other (a stack cannot be replayed
-    layer by layer). LoRA-wrapped projections are reconstructed on their merged weight; the change goes into
-    the base weight.
+    Refused with a ``ValueError``, before anything changes: stacks that cannot be replayed one layer at a time
+    (something runs between layers, or attention draws random numbers), Autoformer's query-averaging attention
+    losing heads, and DoRA layers. LoRA-wrapped projections are reconstructed on their merged weight; the change
+    goes into the base weight. A projection that runs more than once per layer (PatchTST's time and channel
+    attention share one) is fitted to the inputs of all its calls, taken before its own update.
     """
     model = unwrap(model)
-    batches = _recovery_batches(model, batches, max_examples)
     spec = get_adapter(model).arch_spec(model.config)
-    blocks = {}
-    for key, module, width in tunable_blocks(model):
-        blocks.setdefault(key[:2], []).append((key, module, width))
+    pruned = _pruned_blocks(model, spec, kept)
+    if not pruned:
+        return dict(kept)
+    batches = _recovery_batches(model, batches, max_examples)
     out = dict(kept)
+    # restored if anything fails half-way, so nothing is half-written; kept on the CPU, only what changes
+    saved = {b[0]: _base_layer(b[1]).weight.detach().to("cpu", copy=True) for bs in pruned.values() for b in bs}
     use_cache = getattr(model.config, "use_cache", None)
-    if use_cache is not None:  # a KV cache would grow with every replay of a layer
-        model.config.use_cache = False
-    saved = {key: _base_layer(module).weight.detach().clone() for layer in blocks.values()
-             for key, module, _ in layer}  # restored if anything fails half-way: nothing half-written
     try:
+        if use_cache is not None:  # a KV cache would grow with every replay of a layer
+            model.config.use_cache = False
         with torch.no_grad():
-            _check_replay(model, spec, batches[0])
+            calls_per_block = _check_replay(model, spec, batches[0], pruned)
             for stack_key, stack in spec.stacks.items():
                 layers = get_module(model.base_model, stack.layers)
                 calls = [_record(model, layers, batch) for batch in batches]
                 hidden = [_hidden(c[0]) for c in calls]
                 for i, layer in enumerate(iterate(layers, f"OBS {stack_key}")):
-                    for key, module, width in blocks.get((stack_key, i), []):
-                        out.update(_block(layer, module, key, width, key[2] in stack.ffn, kept, hidden, calls,
-                                          batches, i, damp))
+                    for key, module, width in pruned.get((stack_key, i), []):
+                        layer_calls = [c[i] for c in calls]
+                        hessian = _input_hessian(layer, module, hidden, layer_calls, batches,
+                                                 stop=calls_per_block[key] == 1)
+                        hessian = reduce_across_processes({"h": hessian})["h"]  # every rank solves the same system
+                        out.update(_update(module, key, width, key[2] in stack.ffn, kept[key], hessian, damp))
                     hidden = [_run(layer, h, c[i]) for h, c in zip(hidden, calls)]
     except BaseException:
         with torch.no_grad():
-            for layer in blocks.values():
-                for key, module, _ in layer:
-                    _base_layer(module).weight.copy_(saved[key])
+            for bs in pruned.values():
+                for key, module, _ in bs:
+                    weight = _base_layer(module).weight
+                    weight.copy_(saved[key].to(weight.device))
         raise
     finally:
         if use_cache is not None:
@@ -136,14 +146,38 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
     return out
 
 
-def _block(layer, module, key, width, is_ffn, kept, hidden, calls, batches, i, damp) -> dict:
-    """Reconstruct one output projection; ``{key: kept units}`` when it is an FFN block it re-picked."""
+def _pruned_blocks(model: nn.Module, spec, kept: dict) -> dict:
+    """``{(stack, layer): [(key, output projection, width per unit)]}`` of the blocks ``kept`` prunes; raises
+    ``ValueError`` for what cannot be reconstructed."""
+    name = type(model).__name__
+    for stack_key, stack in spec.stacks.items():
+        for attn in stack.attention.values():
+            if attn.draws_rng:
+                raise ValueError(f"{name}: the attention of stack {stack_key!r} draws random numbers in every "
+                                 "forward pass (ProbSparse), so a replayed layer does not compute what the model did; "
+                                 "use attention_type='full', or recovery 'none'")
+    tunable = {key: (module, width) for key, module, width in tunable_blocks(model)}
+    dims = model_dims(model, spec)
+    out: dict = {}
+    for key, keep in kept.items():
+        stack_key, i, block = key
+        if keep is None or len(keep) >= dims[stack_key][i][block][0]:
+            continue
+        if key not in tunable:  # Autoformer: zeroing heads' output columns is not what removing them does
+            raise ValueError(f"{name}: block {key} averages query-key scores over its heads, so removing heads "
+                             "is not a change of its output projection that recovery='obs' can fit; use recovery "
+                             "'none', or keep its heads")
+        module, width = tunable[key]
+        if any(True for _ in getattr(module, "lora_magnitude_vector", {})):
+            raise ValueError(f"recovery='obs' does not support the DoRA layer of block {key} (its magnitude "
+                             "rescaling is not a weight change it can make); merge_and_unload() the adapter first")
+        out.setdefault(key[:2], []).append((key, module, width))
+    return out
+
+
+def _update(module: nn.Module, key, width: int, is_ffn: bool, keep, hessian: torch.Tensor, damp: float) -> dict:
+    """Reconstruct one output projection from its input Hessian; ``{key: kept units}`` for an FFN it re-picked."""
     units = in_features(module) // width
-    keep = kept.get(key)
-    if keep is None or len(keep) >= units:
-        return {}
-    hessian = _input_hessian(layer, module, hidden, [c[i] for c in calls], batches)
-    hessian = reduce_across_processes({"h": hessian})["h"]  # every rank solves the same system
     weight = _merged_weight(module).double()
     hinv = damped_inverse(hessian, damp)
     if is_ffn and width == 1:
@@ -151,8 +185,7 @@ def _block(layer, module, key, width, is_ffn, kept, hidden, calls, batches, i, d
         result = {key: sorted(set(range(units)) - set(removed))}
     else:
         gone = sorted(set(range(units)) - set(keep))
-        cols = [u * width + d for u in gone for d in range(width)]
-        new, _ = drop_columns(weight, hinv, cols)
+        new, _ = drop_columns(weight, hinv, [u * width + d for u in gone for d in range(width)])
         result = {}
     base = _base_layer(module)
     delta = (new - weight).to(base.weight.dtype)
@@ -160,11 +193,17 @@ def _block(layer, module, key, width, is_ffn, kept, hidden, calls, batches, i, d
     return result
 
 
-def _record(model: nn.Module, layers: nn.ModuleList, batch: dict) -> list:
-    """Per layer of ``layers``: the ``(args, kwargs)`` it is called with in one pass of ``model`` on ``batch``."""
+def _record(model: nn.Module, layers: nn.ModuleList, batch: dict, keep_hidden: bool = False) -> list:
+    """Per layer of ``layers``: the ``(args, kwargs)`` it is called with in one pass of ``model`` on ``batch``.
+    Only the first layer's hidden states are kept (the replay computes the others), unless ``keep_hidden``."""
     seen: list = []
 
     def pre_hook(_m, args, kwargs):
+        if seen and not keep_hidden:  # drop the hidden states: layers x tokens x hidden would not fit for an LLM
+            if args:
+                args = (None, *args[1:])
+            else:
+                kwargs = {k: None if k in HIDDEN_KWARGS else v for k, v in kwargs.items()}
         seen.append((args, kwargs))
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
@@ -176,22 +215,53 @@ def _record(model: nn.Module, layers: nn.ModuleList, batch: dict) -> list:
     return seen
 
 
-def _check_replay(model: nn.Module, spec, batch: dict) -> None:
+def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
     """Raise ``ValueError`` unless every stack's layers are each called once per forward pass and each takes the
     previous layer's output as its input, so replaying a stack one layer at a time computes what the model does.
-    Runs before anything changes."""
+    Also sorts each layer's pruned blocks into the order they run in (which the family's block list need not
+    follow: PatchTSMixer), and returns ``{block key: calls of its output projection per forward pass}``."""
+    order: dict = {}
+    counts: dict = {}
+    calls: dict = {key: [] for key in spec.stacks}
+
+    def watch_block(key, module):
+        def pre_hook(_m, _args):
+            order.setdefault(key, len(order))
+            counts[key] = counts.get(key, 0) + 1
+
+        return module.register_forward_pre_hook(pre_hook)
+
+    def watch_layer(stack_key, layer):
+        def pre_hook(_m, args, kwargs):
+            calls[stack_key].append((args, kwargs))
+
+        return layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    handles = [watch_block(key, module) for bs in pruned.values() for key, module, _ in bs]
+    handles += [watch_layer(k, layer) for k, st in spec.stacks.items() for layer in get_module(model.base_model,
+                                                                                                st.layers)]
+    try:
+        model(**batch)  # one pass: the call counts are per forward pass
+    finally:
+        for h in handles:
+            h.remove()
     for stack_key, stack in spec.stacks.items():
-        layers = get_module(model.base_model, stack.layers)
-        calls = _record(model, layers, batch)
-        if len(calls) != len(layers):
-            raise ValueError(f"{type(model).__name__}: stack {stack_key!r} made {len(calls)} layer calls for "
+        layers, recorded = get_module(model.base_model, stack.layers), calls[stack_key]
+        if len(recorded) != len(layers):
+            raise ValueError(f"{type(model).__name__}: stack {stack_key!r} made {len(recorded)} layer calls for "
                              f"{len(layers)} layers; recovery='obs' replays each layer once")
         for i in range(len(layers) - 1):
-            ran, nxt = _run(layers[i], _hidden(calls[i]), calls[i]), _hidden(calls[i + 1])
+            ran, nxt = _run(layers[i], _hidden(recorded[i]), recorded[i]), _hidden(recorded[i + 1])
             if ran.shape != nxt.shape or not torch.allclose(ran, nxt, rtol=1e-4, atol=1e-5):
                 raise ValueError(f"{type(model).__name__}: layer {i + 1} of stack {stack_key!r} does not take layer "
                                  f"{i}'s output as its input, so recovery='obs' cannot replay the stack one layer at "
                                  "a time; use recovery 'lstsq' or 'none'")
+    missing = sorted(str(key) for bs in pruned.values() for key, _, _ in bs if key not in counts)
+    if missing:
+        raise RuntimeError(f"these output projections did not run in the calibration pass: {missing}")
+    for bs in pruned.values():
+        bs.sort(key=lambda b: order[b[0]])
+    return counts
 
 
 HIDDEN_KWARGS = ("hidden_states", "hidden_state")  # what layers that take it by keyword call it
@@ -219,14 +289,15 @@ def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _input_hessian(layer, module, hidden: list, calls: list, batches: list) -> torch.Tensor:
-    """``X^T X`` (float64) of ``module``'s inputs over the non-padding tokens, replaying ``layer`` on ``hidden``."""
-    total = {}
+def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop: bool) -> torch.Tensor:
+    """``X^T X`` (float64) of ``module``'s inputs over the non-padding tokens, replaying ``layer`` on ``hidden``;
+    ``stop``: the module runs once per layer, so the replay ends there."""
+    seen: list = []
 
     def pre_hook(_m, args, kwargs):
-        x = (args[0] if args else kwargs["input"]).detach()
-        total["x"] = x
-        raise _Stop
+        seen.append((args[0] if args else kwargs["input"]).detach())
+        if stop:
+            raise _Stop
 
     handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     hessian = None
@@ -236,11 +307,13 @@ def _input_hessian(layer, module, hidden: list, calls: list, batches: list) -> t
                 _run(layer, h, call)
             except _Stop:
                 pass
-            if "x" not in total:
+            if not seen:
                 raise RuntimeError(f"{type(module).__name__} did not run when its layer was replayed")
-            x = _tokens(total.pop("x"), batch).double()
-            x = x.reshape(-1, x.shape[-1])
-            hessian = x.T @ x if hessian is None else hessian + x.T @ x
+            for x in seen:
+                x = _tokens(x, batch).double()
+                x = x.reshape(-1, x.shape[-1])
+                hessian = x.T @ x if hessian is None else hessian + x.T @ x
+            seen.clear()
     finally:
         handle.remove()
     return hessian

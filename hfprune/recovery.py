@@ -378,12 +378,14 @@ def _first_examples(batches: list, limit: int | None) -> list:
 
 
 def _merged_weight(module: nn.Module) -> torch.Tensor:
-    """(out, in) weight including an unmerged LoRA update, as the forward pass applies it."""
+    """(out, in) weight including an unmerged LoRA update, as the forward pass applies it (an adapter already
+    merged into the base weight is in it once)."""
     w = _weight_out_in(module)
     if _base_layer(module) is module or not getattr(module, "active_adapters", None):
         return w
+    merged = set(getattr(module, "merged_adapters", None) or ())
     for name in module.active_adapters:
-        if name in module.lora_A:
+        if name in module.lora_A and name not in merged:
             delta = module.lora_B[name].weight @ module.lora_A[name].weight
             w = w + module.scaling[name] * delta.to(w.dtype)
     return w
