@@ -60,7 +60,8 @@ def parse_args(argv=None):
                                           "fisher:rearrange+bias,activation,activation:none+bias,random",
                    help="comma-separated criterion[:recovery][+bias] (recovery as in PruningConfig, default none: "
                         "mask tuning by least squares needs two partial forward passes per block and batch, too "
-                        "slow for this CPU budget; +bias: bias_compensation=True)")
+                        "slow for this CPU budget; +bias: bias_compensation=True); empty with --width-only: only the "
+                        "--global-criterion row")
     p.add_argument("--global-criterion", default="fisher:rearrange+bias",
                    help="one more width row with scope='global' (layers of different widths: a remote-code "
                         "checkpoint), same syntax; empty to skip")
@@ -81,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results file (default benchmarks/results/smollm2.md, or "
                                                "smollm2_width.md with --width-only, so the full table is kept)")
     args = p.parse_args(argv)
+    if not args.criteria and not args.width_only:
+        p.error("--criteria may be empty only with --width-only: LoRA recovery starts from the best uniform row")
     if args.out is None:
         args.out = f"benchmarks/results/smollm2{'_width' if args.width_only else ''}.md"
     return args
@@ -226,7 +229,7 @@ def main(argv=None) -> None:
     models = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        specs = [(spec, "uniform") for spec in args.criteria.split(",")]
+        specs = [(spec, "uniform") for spec in args.criteria.split(",") if spec]
         if args.global_criterion:
             specs.append((args.global_criterion, "global"))
         for n, (spec, scope) in enumerate(specs):
