@@ -123,7 +123,7 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
             calls_per_block = _check_replay(model, spec, batches[0], pruned)
             for stack_key, stack in spec.stacks.items():
                 layers = get_module(model.base_model, stack.layers)
-                calls = [_record(model, layers, batch) for batch in batches]
+                calls = [_record(model, {stack_key: layers}, batch)[stack_key] for batch in batches]
                 hidden = [_hidden(c[0]) for c in calls]
                 for i, layer in enumerate(iterate(layers, f"OBS {stack_key}")):
                     for key, module, width in pruned.get((stack_key, i), []):
@@ -193,20 +193,24 @@ def _update(module: nn.Module, key, width: int, is_ffn: bool, keep, hessian: tor
     return result
 
 
-def _record(model: nn.Module, layers: nn.ModuleList, batch: dict, keep_hidden: bool = False) -> list:
-    """Per layer of ``layers``: the ``(args, kwargs)`` it is called with in one pass of ``model`` on ``batch``.
-    Only the first layer's hidden states are kept (the replay computes the others), unless ``keep_hidden``."""
-    seen: list = []
+def _record(model: nn.Module, stacks: dict, batch: dict, keep_hidden: bool = False) -> dict:
+    """``{stack key: [(args, kwargs) of each layer call]}`` for ``stacks`` (``{key: layers}``) in one pass of
+    ``model`` on ``batch``. Only each stack's first hidden states are kept (the replay computes the others), unless
+    ``keep_hidden``."""
+    seen: dict = {key: [] for key in stacks}
 
-    def pre_hook(_m, args, kwargs):
-        if seen and not keep_hidden:  # drop the hidden states: layers x tokens x hidden would not fit for an LLM
-            if args:
-                args = (None, *args[1:])
-            else:
-                kwargs = {k: None if k in HIDDEN_KWARGS else v for k, v in kwargs.items()}
-        seen.append((args, kwargs))
+    def watch(key, layer):
+        def pre_hook(_m, args, kwargs):
+            if seen[key] and not keep_hidden:  # layers x tokens x hidden would not fit for an LLM
+                if args:
+                    args = (None, *args[1:])
+                else:
+                    kwargs = {k: None if k in HIDDEN_KWARGS else v for k, v in kwargs.items()}
+            seen[key].append((args, kwargs))
 
-    handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
+        return layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    handles = [watch(key, layer) for key, layers in stacks.items() for layer in layers]
     try:
         model(**batch)
     finally:
@@ -222,26 +226,18 @@ def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
     follow: PatchTSMixer), and returns ``{block key: calls of its output projection per forward pass}``."""
     order: dict = {}
     counts: dict = {}
-    calls: dict = {key: [] for key in spec.stacks}
 
-    def watch_block(key, module):
+    def watch(key, module):
         def pre_hook(_m, _args):
             order.setdefault(key, len(order))
             counts[key] = counts.get(key, 0) + 1
 
         return module.register_forward_pre_hook(pre_hook)
 
-    def watch_layer(stack_key, layer):
-        def pre_hook(_m, args, kwargs):
-            calls[stack_key].append((args, kwargs))
-
-        return layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    handles = [watch_block(key, module) for bs in pruned.values() for key, module, _ in bs]
-    handles += [watch_layer(k, layer) for k, st in spec.stacks.items() for layer in get_module(model.base_model,
-                                                                                                st.layers)]
-    try:
-        model(**batch)  # one pass: the call counts are per forward pass
+    handles = [watch(key, module) for bs in pruned.values() for key, module, _ in bs]
+    try:  # one pass: the call counts are per forward pass
+        calls = _record(model, {k: get_module(model.base_model, st.layers) for k, st in spec.stacks.items()}, batch,
+                        keep_hidden=True)
     finally:
         for h in handles:
             h.remove()
@@ -311,7 +307,6 @@ def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop
                 raise RuntimeError(f"{type(module).__name__} did not run when its layer was replayed")
             for x in seen:
                 x = _tokens(x, batch).double()
-                x = x.reshape(-1, x.shape[-1])
                 hessian = x.T @ x if hessian is None else hessian + x.T @ x
             seen.clear()
     finally:
