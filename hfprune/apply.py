@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import logging
+
+import torch
 from torch import nn
 
 from . import structure
 from .arch import Adapter, get_adapter
-from .plan import ATTENTION_BLOCKS, PlanError, PrunePlan
+from .plan import ATTENTION_BLOCKS, PlanError, PrunePlan, hub_id
 from .structure import HFPRUNE_CONFIG_KEY, ArchSpec, attention_dims, ffn_width, get_module
+
+logger = logging.getLogger("hfprune")
 
 RECORD_FORMAT = 1
 
@@ -47,7 +54,23 @@ def as_plan(plan) -> PrunePlan:
         return plan
     if isinstance(plan, dict):
         return PrunePlan.from_dict(plan)
-    raise TypeError(f"plan must be a PrunePlan or its dict form, got {type(plan).__name__}")
+    hint = "; read a JSON file with PrunePlan.from_json(path)" if isinstance(plan, str) else ""
+    raise TypeError(f"plan must be a PrunePlan or its dict form, got {type(plan).__name__}{hint}")
+
+
+def as_model(model) -> nn.Module:
+    """The transformers model to prune (under any peft/DDP wrapper), or an error that says what is wrong with it."""
+    from .arch import supported_model_types
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
+    target = unwrap(model)
+    if getattr(getattr(target, "config", None), "model_type", None) is None or not hasattr(target, "base_model"):
+        raise TypeError(f"model must be a transformers PreTrainedModel of a supported model_type, got a plain "
+                        f"{type(target).__name__} (no config.model_type); supported: "
+                        f"{', '.join(supported_model_types())}")
+    get_adapter(target)  # an unsupported model_type: a ValueError that lists the supported ones
+    return target
 
 
 def apply_plan(model: nn.Module, plan: PrunePlan | dict) -> nn.Module:
@@ -69,23 +92,39 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict) -> nn.Module:
     (1, 16)
     ```
     """
-    target = unwrap(model)
+    target = as_model(model)
     plan = as_plan(plan)
     adapter = get_adapter(target)
     spec = adapter.arch_spec(target.config)
     check_plan(target, plan, adapter, spec)
+    dims = model_dims(target, spec)
+    previous, from_record = earlier_plan(target, spec, dims)
+    if previous is None and plan.dense is not None and _dims_key(plan.dense) != _dims_key(dims):
+        raise PlanError("the plan records dense dimensions (`dense`) that are not this model's: its indices are "
+                        "for another model (apply a prune_plan.json's plan to the dense model it was made for)")
+    own_config(model, target)  # the config may be shared with other models, which must not change
 
-    record = getattr(target.config, HFPRUNE_CONFIG_KEY, None)
-    total = compose(PrunePlan.from_dict(record["plan"]), plan) if record else plan
+    if previous is None:
+        # a model loaded by Hub id names its source (a local path is no id)
+        total = dataclasses.replace(plan.with_dense(dims), model_type=target.config.model_type,
+                                    base_model=plan.base_model or hub_id(getattr(target.config, "_name_or_path", None)))
+    else:
+        total = compose(previous, plan)
     structure.apply_structure(target.base_model, target.config, spec, plan.to_dict())
 
     updates = vanilla_updates(adapter, target, total)
     if updates is not None:
         for name, value in updates.items():
             setattr(target.config, name, value)
-        if record:
+        if hasattr(target.config, HFPRUNE_CONFIG_KEY):
             delattr(target.config, HFPRUNE_CONFIG_KEY)
     else:
+        if previous is not None and not from_record and not _restore_dense_widths(adapter, target.config, total):
+            # the config cannot state the dense widths again: the record starts from the widths it states now
+            logger.warning("the config cannot state the dense widths again; the saved plan starts from the "
+                           "pruned widths the config states")
+            total = dataclasses.replace(plan.with_dense(dims), model_type=total.model_type,
+                                        base_model=total.base_model)
         setattr(target.config, HFPRUNE_CONFIG_KEY, {
             "format": RECORD_FORMAT, "arch": spec.to_dict(), "plan": total.to_dict(),
         })
@@ -93,6 +132,103 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict) -> nn.Module:
 
     mark_pruned(target, total, heterogeneous=updates is None)
     return model
+
+
+def own_config(model: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` a deep copy of its config, re-pointing every module attribute that held the old one.
+
+    Pruning edits the config (layer counts, widths, the hfprune record); two models built from one config
+    object would otherwise both change, and the other one would then describe weights it does not have.
+    """
+    from transformers import PreTrainedConfig
+
+    old = target.config
+    new = copy.deepcopy(old)
+    swap = {id(old): new}
+    for name, value in vars(old).items():  # sub-configs of composite configs, held by their own submodules
+        if isinstance(value, PreTrainedConfig) and hasattr(new, name):
+            swap[id(value)] = getattr(new, name)
+    for module in model.modules():
+        current = module.__dict__.get("config")
+        if current is not None and id(current) in swap:
+            module.__dict__["config"] = swap[id(current)]
+
+
+def earlier_plan(model: nn.Module, spec: ArchSpec, dims: dict) -> tuple:
+    """``(plan, from_record)``: the plan ``model`` was already pruned with, relative to its dense model, or
+    ``(None, False)`` when it has none (a dense model, or one pruned outside hfprune's view).
+
+    A heterogeneous model's config record is the truth (it is what the weights are built with). A plainly pruned
+    one carries its plan as ``hfprune_plan`` (set by ``apply_plan`` or ``hfprune.from_pretrained``); it counts
+    only with its ``dense`` dimensions and when it leaves exactly the widths the model has.
+    """
+    record = getattr(model.config, HFPRUNE_CONFIG_KEY, None)
+    if record:
+        plan = PrunePlan.from_dict(record["plan"])
+        return (plan if plan.dense is not None else plan.with_dense(config_dims(model, spec, plan))), True
+    plan = getattr(model, "hfprune_plan", None)
+    if not isinstance(plan, PrunePlan) or plan.dense is None:
+        return None, False
+    kept = {key: list(rows.values()) for key, rows in plan.kept_dims().items()}
+    if kept != {key: rows for key, rows in _dims_key(dims).items() if key in kept}:
+        logger.warning("the model's hfprune_plan does not describe its current widths; pruning it as a new model")
+        return None, False
+    return plan, False
+
+
+def config_dims(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> dict | None:
+    """Dimensions of the model ``model.config`` states (what a heterogeneous record is relative to), one entry per
+    layer of ``plan`` (a dropped layer takes the first layer's): a stock model built on the meta device. For
+    records written before plans carried ``dense``; ``None`` when it cannot be built."""
+    from .modeling.classes import original_class  # local: modeling imports this module
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, HFPRUNE_CONFIG_KEY):
+        delattr(config, HFPRUNE_CONFIG_KEY)
+    try:
+        with torch.device("meta"):
+            stock = original_class(model)(config)
+        built = model_dims(stock, spec)
+    except Exception as err:  # noqa: BLE001 - a failure only means the dense sizes stay unknown
+        logger.info("dense dimensions unknown (%s: %s)", type(err).__name__, err)
+        return None
+    out = {}
+    for key, layers in plan.stacks().items():
+        rows = list(built.get(key, ()))
+        if not rows:
+            return None
+        kept = iter(rows)
+        out[key] = [rows[0] if layer.drop else next(kept, rows[0]) for layer in layers]
+    return out
+
+
+def _dims_key(dims: dict) -> dict:
+    """Dims in one comparable form: ``{stack: [{block: tuple}]}``."""
+    return {k: [{n: tuple(d) for n, d in blocks.items()} for blocks in layers] for k, layers in dims.items()}
+
+
+def _restore_dense_widths(adapter: Adapter, config, total: PrunePlan) -> bool:
+    """Set the width fields of a plainly pruned config back to the dense widths, so that a heterogeneous record
+    holds the full plan (relative to the dense model, like ``prune_plan.json``). False where it cannot."""
+    updates = {}
+    for key, layers in total.dense.items():
+        fields = adapter.fields.get(key)
+        if fields is None or not layers:
+            continue
+        for name, dims in layers[0].items():
+            if any(row.get(name) != dims for row in layers):
+                return False  # a dense model with per-layer widths: no single field states them
+            if name == "heads" and fields.heads is not None:
+                updates[fields.heads] = dims[0]
+                if fields.kv_heads is not None:
+                    updates[fields.kv_heads] = dims[1]
+            elif name in fields.ffn:
+                updates[fields.ffn[name]] = dims[0]
+    if updates and not _config_accepts(config, updates):
+        return False
+    for name, value in updates.items():
+        setattr(config, name, value)
+    return True
 
 
 def check_plan(model: nn.Module, plan: PrunePlan, adapter: Adapter, spec: ArchSpec) -> None:
@@ -192,4 +328,5 @@ def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
                 out.append(type(layer)(blocks=blocks))
         stacks[key] = tuple(out)
     return PrunePlan(layers=stacks["layers"], decoder_layers=stacks.get("decoder_layers"),
-                     model_type=first.model_type or second.model_type)
+                     model_type=first.model_type or second.model_type, dense=first.dense,
+                     base_model=first.base_model or second.base_model)

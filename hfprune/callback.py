@@ -31,13 +31,14 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from . import cost
-from .apply import apply_plan, unwrap
+from .apply import apply_plan, as_model
 from .arch import get_adapter
-from .config import PruningConfig
+from .config import PruningConfig, require_config
 from .importance import get_importance
 from .importance.activation import token_rows, watch_output_projections
+from .importance.base import calibration_batches, check_batches
 from .masking import Masks
-from .plan import PrunePlan
+from .plan import PlanError, PrunePlan
 from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
 from .structure import _base_layer, _is_conv1d, attention_dims, get_module, head_rows
 
@@ -74,10 +75,13 @@ class PruningCallback(TrainerCallback):
     ```
     """
 
+    # its prune/* metrics are added to the logs in on_log: trainers move it ahead of the reporting integrations
+    logs_metrics_first = True
+
     def __init__(self, config: PruningConfig, schedule: ScheduleConfig | None = None,
                  calibration: Iterable | None = None):
-        if not isinstance(config, PruningConfig):
-            raise TypeError(f"config must be a hfprune.PruningConfig, got {type(config).__name__}")
+        config = require_config(config)
+        calibration = check_batches(None, calibration)  # its type now; its keys when the model is known
         if schedule is not None and not isinstance(schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a hfprune.schedule.ScheduleConfig or None, got "
                             f"{type(schedule).__name__}")
@@ -139,7 +143,9 @@ class PruningCallback(TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        target = unwrap(model)
+        target = as_model(model)
+        self.calibration = check_batches(target, self.calibration)
+        self.calibration = calibration_batches(self.calibration, self.config.calibration_batch_size)
         self.model = target
         self._resolved = self.schedule.resolve(state.max_steps)
         steps = prune_steps(self._resolved)
@@ -151,6 +157,12 @@ class PruningCallback(TrainerCallback):
             from .latency import measure
 
             self._latency = measure(target, self.config.latency_batch_size, self.config.seq_len)
+        from .oneshot import check_budget
+
+        try:  # the final budget, before the first training step and checkpoint rather than at the first prune
+            check_budget(target, self.config, self._latency)
+        except PlanError as err:
+            raise PlanError(f"PruningCallback: the final budget cannot be reached on this model: {err}") from None
         self.masks = Masks(target)
         if state.global_step > 0 and self._pending_state is None:
             self._pending_state = self._find_state(args, state)

@@ -36,7 +36,7 @@ def card_data(results: dict):
                                     metric_name=f"{name} ({label})"))
     name = results.get("recipe") or "pruned-model"
     return ModelCardData(
-        base_model=results.get("base_model_id") or results.get("base_model"),
+        base_model=base_model_id(results),
         library_name="transformers",
         pipeline_tag=task if task in ("text-classification", "text-generation") else None,
         tags=tags,
@@ -44,6 +44,14 @@ def card_data(results: dict):
         eval_results=evals or None,
         datasets=None,
     )
+
+
+def base_model_id(results: dict) -> str | None:
+    """The Hub id the card's ``base_model`` names, or ``None``: the Hub links the card to that repo, so a local
+    path or an internal alias (``asset:minilm``) must never stand there."""
+    from .plan import hub_id
+
+    return hub_id(results.get("base_model_id")) or hub_id(results.get("base_model"))
 
 
 def _summary(results: dict) -> str:
@@ -56,7 +64,9 @@ def _summary(results: dict) -> str:
     return ", ".join(x for x in parts if x)
 
 
-def card_text(results: dict, recipe_yaml: str | None, plots: list) -> str:
+def card_text(results: dict, recipe_yaml: str | None, plots: list, remote_code: bool = True) -> str:
+    """The card's markdown body; ``remote_code``: the checkpoint carries ``modeling_hfprune.py`` (per-layer
+    widths), else it is a plain checkpoint that stock transformers loads."""
     from .report import layer_table
     from .run import results_table
 
@@ -70,7 +80,7 @@ def card_text(results: dict, recipe_yaml: str | None, plots: list) -> str:
            + (f", budget {budget}" if budget else "")
            + (f", recovery `{results['recovery']}`" if results.get("recovery") else ""),
            f"- distilled from the dense model: {'yes' if results.get('distilled') else 'no'}",
-           f"- base model: `{results.get('base_model_id') or results.get('base_model')}`",
+           f"- base model: `{base_model_id(results) or results.get('model_path') or results.get('base_model')}`",
            f"- hfprune {results.get('hfprune_version', '?')}"]
     lines = [
         f"# {name}",
@@ -85,14 +95,7 @@ def card_text(results: dict, recipe_yaml: str | None, plots: list) -> str:
         "",
         "## How to load",
         "",
-        "The per-layer widths differ, so the checkpoint carries its own modeling code (`modeling_hfprune.py`, "
-        "plain torch and transformers); hfprune itself is not needed:",
-        "",
-        "```python",
-        f"from transformers import {auto}",
-        "",
-        f'model = {auto}.from_pretrained("REPO_ID", trust_remote_code=True)',
-        "```",
+        *(_load_remote(auto) if remote_code else _load_plain(auto)),
         "",
         "## Kept structure per layer",
         "",
@@ -105,6 +108,43 @@ def card_text(results: dict, recipe_yaml: str | None, plots: list) -> str:
     if recipe_yaml:
         lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def _load_remote(auto: str) -> list:
+    return [
+        "The per-layer widths differ, so the checkpoint carries its own modeling code (`modeling_hfprune.py`, "
+        "plain torch and transformers); hfprune itself is not needed:",
+        "",
+        "```python",
+        f"from transformers import {auto}",
+        "",
+        f'model = {auto}.from_pretrained("REPO_ID", trust_remote_code=True)',
+        "```",
+        "",
+        "With hfprune installed, `hfprune.from_pretrained` rebuilds the same model from the config and the plan "
+        "without running any code from the repository:",
+        "",
+        "```python",
+        "import hfprune",
+        "",
+        'model = hfprune.from_pretrained("REPO_ID")',
+        "```",
+    ]
+
+
+def _load_plain(auto: str) -> list:
+    return [
+        "Every layer has the same widths, which the config states: stock transformers loads it, with no remote "
+        "code:",
+        "",
+        "```python",
+        f"from transformers import {auto}",
+        "",
+        f'model = {auto}.from_pretrained("REPO_ID")',
+        "```",
+        "",
+        "`hfprune.from_pretrained(\"REPO_ID\")` loads it too, with its prune plan, ready to prune further.",
+    ]
 
 
 def build_card(directory: str | Path, repo_id: str | None = None):
@@ -121,7 +161,16 @@ def build_card(directory: str | Path, repo_id: str | None = None):
     recipe_yaml = recipe_path.read_text() if recipe_path.is_file() else None
     plots = results.get("plots") or sorted(str(p.relative_to(directory)) for p in (directory / "plots").glob("*.png"))
     data = card_data(results)
-    text = card_text(results, recipe_yaml, plots)
+    text = card_text(results, recipe_yaml, plots, remote_code=_has_remote_code(directory))
     if repo_id:
         text = text.replace('"REPO_ID"', json.dumps(repo_id))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def _has_remote_code(directory: Path) -> bool:
+    """Whether the checkpoint is a heterogeneous one (config.json carries hfprune's record)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("hfprune"))

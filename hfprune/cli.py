@@ -23,6 +23,13 @@ from dataclasses import dataclass, field
 USAGE = __doc__.split("\n\n")[1]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, like the rest of the command's errors."""
+
+    def error(self, message: str):
+        raise SystemExit(f"{self.prog}: error: {message}")
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="[hfprune] %(message)s", stream=sys.stderr)
 
@@ -84,7 +91,12 @@ def cmd_sweep(args: list) -> int:
     try:
         ratios = [float(x) for x in flags["--ratios"].split(",") if x.strip()]
     except ValueError:
-        raise SystemExit(f"hfprune: error: --ratios {flags['--ratios']!r}: expected numbers like 0.4,0.6") from None
+        raise SystemExit(f"hfprune sweep: error: --ratios {flags['--ratios']!r}: expected numbers like 0.4,0.6") \
+            from None
+    bad = [r for r in ratios if not 0.0 < r <= 1.0]  # refused here too: before the recipe and its imports
+    if bad or not ratios:
+        raise SystemExit(f"hfprune sweep: error: --ratios {flags['--ratios']!r}: each ratio must be in (0, 1]"
+                         + (f", got {bad[0]!r}" if bad else ""))
     recipe = load_recipe(recipe_path, overrides)
     _setup_logging()
     result = sweep(recipe, ratios, key=flags["--budget"])
@@ -141,16 +153,38 @@ def cmd_prune(args: list) -> int:
 def cmd_report(args: list) -> int:
     from .report import report
 
-    parser = argparse.ArgumentParser(prog="hfprune report", description="Tables and PNG plots of a pruned checkpoint.")
+    parser = _Parser(prog="hfprune report", description="Tables and PNG plots of a pruned checkpoint.")
     parser.add_argument("dir", help="pruned checkpoint directory")
     parser.add_argument("--out", default=None, help="folder for the PNG plots (default DIR/plots)")
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")
     ns = parser.parse_args(args)
+    if not os.path.isdir(ns.dir):
+        what = "is a file, not a directory" if os.path.exists(ns.dir) else "does not exist"
+        raise FileNotFoundError(f"checkpoint directory {ns.dir!r} {what}")
+    if ns.out is not None and not ns.no_plots:
+        _check_out_dir(ns.out)
     text, paths = report(ns.dir, ns.out, plots=not ns.no_plots)
     print(text)
     for p in paths:
         print(f"plot: {p}")
     return 0
+
+
+def _check_out_dir(path: str) -> None:
+    """Refuse an output folder that cannot be one (a file, or below a file) before anything is computed."""
+    if not path:
+        raise ValueError("--out '': give a folder for the plots")
+    current = os.path.abspath(path)
+    while True:
+        if os.path.exists(current):
+            if not os.path.isdir(current):
+                where = "is" if current == os.path.abspath(path) else f"is below {current!r}, which is"
+                raise ValueError(f"--out {path!r} {where} an existing file; give a folder for the plots")
+            return
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
 
 
 def cmd_push(args: list) -> int:
@@ -230,6 +264,11 @@ def main(argv: list | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[command](rest)
+    except SystemExit as err:  # argument errors: one line, and a return code the caller can test
+        if isinstance(err.code, str):
+            print(_one_line(err.code), file=sys.stderr)
+            return 2
+        return err.code or 0
     except Exception as err:
         from .data.assets import AssetMissing
         from .hub import HubPushError
@@ -239,10 +278,15 @@ def main(argv: list | None = None) -> int:
 
         if os.environ.get("HFPRUNE_DEBUG") or not isinstance(
                 err, (RecipeError, PlanError, HubPushError, AssetMissing, MetricUnavailable, ValueError,
-                      FileNotFoundError, ImportError)):
+                      FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError)):
             raise
-        print(f"hfprune {command}: error: {err}", file=sys.stderr)
+        print(f"hfprune {command}: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+
+
+def _one_line(text: str) -> str:
+    """Messages quoting YAML parser output span lines; the command's errors are one line each."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

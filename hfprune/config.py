@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, fields
 
 SCOPES = ("global", "per_layer", "uniform")
@@ -36,6 +37,9 @@ class PruningConfig:
     tuning hurt (benchmarks/oneshot_minilm.py).
     ``bias_compensation`` (FLAP, An et al. 2024) replaces each removed unit's output with its calibration mean,
     folded into the output projection's bias.
+
+    A budget whose plan keeps no head and no neuron in any layer is refused when the plan is selected (it is a
+    property of the model's costs, not of the number), unless ``allow_empty=True``.
 
     Example:
 
@@ -77,17 +81,38 @@ class PruningConfig:
                 "mask tuning each example gives tokens x hidden equations for a few thousand unknowns per layer"})
     calibration_batch_size: int = field(default=32, metadata={
         "help": "batch size when the calibration data is a datasets.Dataset"})
+    allow_empty: bool = field(default=False, metadata={
+        "help": "accept a budget whose plan keeps no head and no neuron in any layer (every block left bias-only); "
+                "off: such a budget is an error, since it is almost always a typo (1e-9 for 0.1)"})
 
     def __post_init__(self):
         from .importance import supported_importance
 
-        if self.criterion not in supported_importance():
+        if not isinstance(self.criterion, str) or self.criterion not in supported_importance():
             raise ValueError(f"criterion={self.criterion!r} is not supported; choose one of {supported_importance()}")
+        for name in ("scope", "normalize", "recovery"):  # before any comparison, so a list gets this message
+            choices = {"scope": SCOPES, "normalize": NORMALIZE, "recovery": RECOVERY}[name]
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {choices}")
         budgets = {n: getattr(self, n) for n in ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio",
                                                  "ffn_ratio")}
         for name, value in budgets.items():
-            if value is not None and not 0.0 < value <= 1.0:
+            if value is None:
+                continue
+            _check_number(name, value, "a number in (0, 1]")
+            if not 0.0 < value <= 1.0:  # also refuses nan
                 raise ValueError(f"{name}={value!r} must be in (0, 1]")
+            budgets[name] = float(value)
+            setattr(self, name, budgets[name])
+        for name in ("seq_len", "latency_batch_size", "round_to", "calibration_batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("min_heads", self.min_heads, minimum=0)
+        _check_int("seed", self.seed)
+        if self.recovery_examples is not None:
+            _check_int("recovery_examples", self.recovery_examples, minimum=1, none_ok=True)
+        for name in ("bias_compensation", "allow_empty"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         given = [n for n, v in budgets.items() if v is not None]
         kinds = {n.removesuffix("_ratio") if n in ("macs_ratio", "params_ratio", "latency_ratio") else "ratio"
                  for n in given}
@@ -96,28 +121,11 @@ class PruningConfig:
                              f"head_ratio/ffn_ratio; got {given or 'none'}")
         if kinds == {"ratio"} and self.scope == "global":
             self.scope = "per_layer"  # keep ratios are a per-layer notion
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope={self.scope!r}; choose one of {SCOPES}")
         if self.scope == "per_layer" and kinds != {"ratio"}:
             raise ValueError(
                 "scope='per_layer' works with head_ratio/ffn_ratio; MACs, parameter and latency budgets rank "
                 "globally ('global') or keep the same structure in every layer ('uniform')"
             )
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"normalize={self.normalize!r}; choose one of {NORMALIZE}")
-        if self.seq_len < 1:
-            raise ValueError(f"seq_len={self.seq_len} must be >= 1")
-        if self.min_heads < 0:
-            raise ValueError(f"min_heads={self.min_heads} must be >= 0")
-        if self.round_to < 1:
-            raise ValueError(f"round_to={self.round_to} must be >= 1")
-        if self.recovery_examples is not None and self.recovery_examples < 1:
-            raise ValueError(f"recovery_examples={self.recovery_examples} must be >= 1 or None")
-        for name in ("latency_batch_size", "calibration_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.recovery not in RECOVERY:
-            raise ValueError(f"recovery={self.recovery!r}; choose one of {RECOVERY}")
         if self.recovery in NEEDS_FISHER_BLOCKS and self.criterion != "fisher":
             raise ValueError(f"recovery={self.recovery!r} re-picks heads/neurons from Fisher information and needs "
                              f"criterion='fisher', not {self.criterion!r}; use recovery='lstsq' or 'none'")
@@ -143,3 +151,28 @@ class PruningConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def require_config(config, name: str = "config") -> PruningConfig:
+    """``config`` if it is a :class:`PruningConfig`, else a ``TypeError`` that says how to make one."""
+    if isinstance(config, PruningConfig):
+        return config
+    if isinstance(config, dict):
+        raise TypeError(f"{name} must be a hfprune.PruningConfig, got the dict {config!r:.200}; build one with "
+                        f"PruningConfig(**{name})")
+    raise TypeError(f"{name} must be a hfprune.PruningConfig, got {type(config).__name__} {config!r:.100}")
+
+
+def _check_number(name: str, value, allowed: str) -> None:
+    """Refuse what Python would take silently or fail on deep inside: ``True`` is 1, ``"0.5" < 1`` raises."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be {allowed}, not {type(value).__name__}")
+
+
+def _check_int(name: str, value, minimum: int | None = None, none_ok: bool = False) -> None:
+    kind = f"an int >= {minimum}" if minimum is not None else "an int"
+    kind += " or None" if none_ok else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} must be {kind}, not {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}={value!r} must be >= {minimum}" + (" or None" if none_ok else ""))

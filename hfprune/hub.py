@@ -38,11 +38,18 @@ def check_checkpoint(directory: Path) -> None:
         raise HubPushError(f"{directory} has no config.json: not a saved model")
     if not any(directory.glob("*.safetensors")):
         raise HubPushError(f"{directory} has no *.safetensors weights")
-    auto_map = json.loads(config_path.read_text()).get("auto_map") or {}
+    config = json.loads(config_path.read_text())
+    auto_map = config.get("auto_map") or {}
     for ref in auto_map.values():
         module = (ref[-1] if isinstance(ref, list) else ref).split("--")[-1].split(".")[0]
         if not (directory / f"{module}.py").is_file():
             raise HubPushError(f"{directory}: config.json's auto_map needs {module}.py, which is missing")
+    from .modeling.load import checkpoint_plan
+
+    try:  # what is pushed must say one thing: prune_plan.json and config.json's record agree
+        checkpoint_plan(directory, config)
+    except ValueError as err:
+        raise HubPushError(f"not pushing an inconsistent checkpoint: {err}") from None
 
 
 def card_bytes(directory: Path, repo_id: str) -> bytes:

@@ -7,14 +7,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import cost, obs, recovery, select
-from .apply import apply_plan, model_dims, unwrap
+from .apply import apply_plan, as_model, model_dims, unwrap
 from .arch import get_adapter
-from .config import PruningConfig
+from .config import PruningConfig, require_config
 from .importance import get_importance
-from .importance.base import calibration_batches
+from .importance.base import calibration_batches, check_batches
 from .latency import LatencyTable
 from .plan import PlanError, PrunePlan
 from .structure import attention_dims, get_module, in_features, out_features
@@ -112,20 +113,47 @@ def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: 
         normalize = "none" if get_importance(config.criterion).loss_scale else "layer"
     if normalize == "layer":
         blocks = select.normalize(blocks)
-    if kind == "ratio":
-        kept = select.select_per_layer(blocks, config.head_ratio, config.ffn_ratio, config.min_heads,
-                                       config.round_to)
-        return kept, blocks
     choose = select.select_uniform if config.scope == "uniform" else select.select_global
-    if kind == "latency":
-        return _select_latency(blocks, choose, config, latency), blocks
-    else:
-        dense = cost.estimate(model, seq_len=config.seq_len)
-        total = dense.params if kind == "params" else dense.macs
-        budget = getattr(config, f"{kind}_ratio") * total
-        fixed = total - sum(b.unit_cost * len(b.scores) + b.kv_unit_cost * len(b.scores) // b.group for b in blocks)
-    kept = choose(blocks, budget, fixed_cost=fixed, min_heads=config.min_heads, round_to=config.round_to)
+    given = ", ".join(f"{n}={getattr(config, n)!r}" for n in _budget_names(config))
+    try:
+        if kind == "ratio":
+            kept = select.select_per_layer(blocks, config.head_ratio, config.ffn_ratio, config.min_heads,
+                                           config.round_to)
+        elif kind == "latency":
+            kept = _select_latency(blocks, choose, config, latency)
+        else:
+            dense = cost.estimate(model, seq_len=config.seq_len)
+            total = dense.params if kind == "params" else dense.macs
+            budget = getattr(config, f"{kind}_ratio") * total
+            fixed = total - sum(b.unit_cost * len(b.scores) + b.kv_unit_cost * len(b.scores) // b.group
+                                for b in blocks)
+            kept = choose(blocks, budget, fixed_cost=fixed, min_heads=config.min_heads, round_to=config.round_to)
+    except PlanError as err:  # selection speaks in MACs or parameters; say which setting that came from
+        raise PlanError(f"{given}: {err}") from None
+    emptied = all(b.key in kept and not len(kept[b.key]) for b in blocks)
+    if blocks and emptied and not getattr(config, "allow_empty", False):
+        # A budget under the cost of one head or neuron per model is a typo far more often than a wish for a
+        # bias-only model; refuse it here, where the model's costs are known, rather than in the config.
+        raise PlanError(f"the budget {given} keeps no head and no neuron in any layer of this "
+                        f"{model.config.model_type} model ({len(blocks)} blocks); give a larger budget or "
+                        "min_heads >= 1, or pass allow_empty=True to accept a model whose layers are bias-only")
     return kept, blocks
+
+
+def check_budget(model: nn.Module, config: PruningConfig, latency: LatencyTable | None = None) -> None:
+    """Raise the :class:`PlanError` selection would (a budget the constraints cannot meet, or one that keeps
+    nothing) before any scoring pass or training step. Both depend on the model's costs and the constraints, not
+    on which units score higher, so a selection on equal scores tells."""
+    model = unwrap(model)
+    equal = {(key, i, name): torch.ones(size[0]) for key, layers in model_dims(model).items()
+             for i, blocks in enumerate(layers) for name, size in blocks.items()}
+    select_kept(model, equal, config, latency)
+
+
+def _budget_names(config: PruningConfig) -> list:
+    """The budget fields ``config`` sets (one of macs/params/latency, or head and/or FFN ratios)."""
+    return [n for n in ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio", "ffn_ratio")
+            if getattr(config, n) is not None]
 
 
 def _select_latency(blocks: list, choose, config: PruningConfig, latency: LatencyTable) -> dict:
@@ -179,7 +207,13 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
     ```
     """
     start = time.perf_counter()
-    target = unwrap(model)
+    # every check before the model is touched: a bad argument leaves the model as it was
+    config = require_config(config)
+    target = as_model(model)
+    if latency_table is not None and not isinstance(latency_table, LatencyTable):
+        raise TypeError(f"latency_table must be a hfprune.latency.LatencyTable or None, got "
+                        f"{type(latency_table).__name__}")
+    calibration = check_batches(target, calibration, tokenizer)
     mode = config.resolved_recovery
     kwargs = {"seed": config.seed} if config.criterion == "random" else {}
     if config.criterion == "fisher":
@@ -202,6 +236,7 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
         from .latency import measure
 
         latency_table = measure(target, config.latency_batch_size, config.seq_len)
+    check_budget(target, config, latency_table)  # seconds before a scoring pass that may take minutes
     was_training = target.training
     target.eval()
     before = cost.estimate(target, seq_len=config.seq_len)

@@ -9,18 +9,28 @@ JSON form (one entry per layer, in order)::
 ``heads`` / ``cross_heads`` are kept query-head indices, ``ffn`` (and ``patch_ffn`` / ``channel_ffn`` for
 PatchTSMixer) kept neuron indices. ``null`` or a missing key keeps everything, ``[]`` removes the block,
 ``{"drop": true}`` removes the layer. Indices are always keep-indices of the model the plan is applied to.
+
+A plan a model was pruned with (``model.hfprune_plan``, ``prune_plan.json``) also records, under ``dense``, the
+dimensions of the model before any pruning (per stack, per layer, per block: ``[heads, kv_heads]`` or
+``[neurons]``), and may name the dense model's Hub id as ``base_model``. Its indices then refer to that model.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ATTENTION_BLOCKS = ("heads", "cross_heads")
 FFN_BLOCKS = ("ffn", "patch_ffn", "channel_ffn")
 BLOCKS = ATTENTION_BLOCKS + FFN_BLOCKS
 STACKS = ("layers", "decoder_layers")
+# Keys of the JSON form that describe where a plan comes from, not what it keeps. ``hfprune_version`` is written
+# into prune_plan.json, ``format`` into config.json's record.
+METADATA_KEYS = ("model_type", "dense", "base_model", "hfprune_version", "format")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 
 
 class PlanError(ValueError):
@@ -62,6 +72,9 @@ class PrunePlan:
     layers: tuple = ()
     decoder_layers: tuple | None = None
     model_type: str | None = None
+    # What the plan was applied to, not what it keeps: plans that keep the same units are equal.
+    dense: dict | None = field(default=None, compare=False)
+    base_model: str | None = field(default=None, compare=False)
 
     def stacks(self) -> dict:
         out = {"layers": self.layers}
@@ -75,23 +88,36 @@ class PrunePlan:
     def from_dict(cls, data: dict) -> PrunePlan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
-        allowed = set(STACKS) | {"model_type", "format"}
+        allowed = set(STACKS) | set(METADATA_KEYS)
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise PlanError(f"unknown plan key(s) {unknown}; allowed: {sorted(allowed)}")
         if "layers" not in data:
             raise PlanError("a plan needs a 'layers' list (one entry per layer, in order)")
         stacks = {key: _parse_stack(key, data[key]) for key in STACKS if data.get(key) is not None}
+        base_model = data.get("base_model")
+        if base_model is not None and not isinstance(base_model, str):
+            raise PlanError(f"base_model must be a Hub id string or null, got {base_model!r}")
+        dense = _parse_dense(data.get("dense"), stacks)
         return cls(layers=stacks["layers"], decoder_layers=stacks.get("decoder_layers"),
-                   model_type=data.get("model_type"))
+                   model_type=data.get("model_type"), dense=dense, base_model=base_model)
 
     def to_dict(self) -> dict:
         out: dict = {}
         if self.model_type is not None:
             out["model_type"] = self.model_type
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
         for key, layers in self.stacks().items():
             out[key] = [layer.to_dict() for layer in layers]
+        if self.dense is not None:
+            out["dense"] = {key: [{name: list(dims) for name, dims in blocks.items()} for blocks in layers]
+                            for key, layers in self.dense.items()}
         return out
+
+    def with_dense(self, dims: dict | None) -> PrunePlan:
+        """This plan with ``dense`` set to ``dims`` (``model_dims`` of the model before any pruning)."""
+        return replace(self, dense=_parse_dense(dims, self.stacks()) if dims is not None else None)
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> PrunePlan:
@@ -107,6 +133,30 @@ class PrunePlan:
         return text
 
     # -- Queries -------------------------------------------------------------------------------
+
+    def kept_dims(self) -> dict | None:
+        """Dimensions of the model this plan leaves, from ``dense``: ``{stack: {dense index: {block: dims}}}`` for
+        the layers it keeps, in order, in ``model_dims``' form. ``None`` when ``dense`` is unknown."""
+        if self.dense is None:
+            return None
+        out: dict = {}
+        for key, layers in self.stacks().items():
+            out[key] = {}
+            for i, (layer, blocks) in enumerate(zip(layers, self.dense[key])):
+                if layer.drop:
+                    continue
+                kept = {}
+                for name, dims in blocks.items():
+                    keep = layer.get(name)
+                    if keep is None:
+                        kept[name] = tuple(dims)
+                    elif name in ATTENTION_BLOCKS:
+                        group = dims[0] // dims[1] if dims[1] else 1
+                        kept[name] = (len(keep), len({h // group for h in keep}))
+                    else:
+                        kept[name] = (len(keep),)
+                out[key][i] = kept
+        return out
 
     def is_empty(self) -> bool:
         """True when the plan removes nothing it could name (every block kept whole, no layer dropped)."""
@@ -141,6 +191,46 @@ class PrunePlan:
             dropped = sum(layer.drop for layer in layers)
             if layers and dropped == len(layers):
                 raise PlanError(f"'{key}': the plan drops all {dropped} layers; at least one must stay")
+
+
+def hub_id(value) -> str | None:
+    """``value`` if it reads as a Hub repo id (``owner/name``), else ``None``: local paths (existing ones too),
+    ``asset:`` aliases and ``package.module:function`` specs are not ids a model card may name."""
+    if not isinstance(value, str) or not _HUB_ID.match(value) or ".." in value or os.path.exists(value):
+        return None
+    return value
+
+
+def _parse_dense(dense, stacks: dict) -> dict | None:
+    """``dense`` as ``{stack: tuple({block: tuple(ints)})}``, one entry per plan layer."""
+    if dense is None:
+        return None
+    if not isinstance(dense, dict):
+        raise PlanError(f"dense must be an object {{stack: [per-layer dims]}}, got {type(dense).__name__}")
+    unknown = sorted(set(dense) - set(stacks))
+    if unknown:
+        raise PlanError(f"dense: stack(s) {unknown} are not in the plan; it has {sorted(stacks)}")
+    out = {}
+    for key, layers in stacks.items():
+        entries = dense.get(key)
+        if not isinstance(entries, (list, tuple)) or len(entries) != len(layers):
+            got = f"{len(entries)} entries" if isinstance(entries, (list, tuple)) else repr(entries)
+            raise PlanError(f"dense['{key}'] needs one entry per layer of the plan ({len(layers)}), got {got}")
+        parsed = []
+        for i, blocks in enumerate(entries):
+            if not isinstance(blocks, dict):
+                raise PlanError(f"dense['{key}'][{i}] must be an object {{block: dims}}, got {blocks!r}")
+            row = {}
+            for name, dims in blocks.items():
+                size = 2 if name in ATTENTION_BLOCKS else 1
+                if name not in BLOCKS or not isinstance(dims, (list, tuple)) or len(dims) != size or any(
+                        isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in dims):
+                    want = "[heads, kv_heads]" if size == 2 else "[neurons]"
+                    raise PlanError(f"dense['{key}'][{i}].{name} must be {want} (non-negative integers), got {dims!r}")
+                row[name] = tuple(dims)
+            parsed.append(row)
+        out[key] = tuple(parsed)
+    return out
 
 
 def _check_gqa(where: str, keep: tuple, heads: int, kv_heads: int) -> None:

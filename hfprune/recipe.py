@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +34,10 @@ import yaml
 TASKS = ("text-classification", "causal-lm", "forecasting")
 METHODS = ("oneshot", "gradual")
 BUILTIN_LOADERS = ("movie_reviews", "files", "none")
+FILE_FORMATS = ("csv", "json", "parquet", "text")
+# package.module:function, as importlib and getattr take it
+CALLABLE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+REPO_ID = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
 BUILTIN_TEACHERS = ("movie_review",)
 
 
@@ -52,6 +57,12 @@ class ModelSpec:
     trust_remote_code: bool = field(default=False, metadata={"help": "to start from an hfprune-pruned checkpoint"})
     base_model: str | None = field(default=None, metadata={
         "help": "Hub id of the dense model, for the model card's base_model (e.g. sentence-transformers/...)"})
+
+    def __post_init__(self):
+        if not self.path.strip():
+            raise ValueError("path='' is empty; give a directory, asset:minilm or package.module:function")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ValueError(f"num_labels={self.num_labels} must be >= 1 (1: regression) or null")
 
 
 @dataclass
@@ -77,11 +88,22 @@ class DataSpec:
     def __post_init__(self):
         if self.loader == "files" and (not self.files or not self.format):
             raise ValueError("loader: files needs `format` (csv, json, parquet, text) and `files` (split -> path)")
-        if self.loader not in BUILTIN_LOADERS and ":" not in self.loader:
+        if self.loader not in BUILTIN_LOADERS and not CALLABLE_PATH.match(self.loader):
             raise ValueError(f"loader={self.loader!r}; use one of {BUILTIN_LOADERS} or 'package.module:function'")
+        if self.format is not None and self.format not in FILE_FORMATS:
+            raise ValueError(f"format={self.format!r}; choose one of {FILE_FORMATS}")
+        for split, paths in (self.files or {}).items():
+            if not (isinstance(paths, str) and paths or isinstance(paths, list) and paths
+                    and all(isinstance(x, str) and x for x in paths)):
+                raise ValueError(f"files[{split!r}]={paths!r}: give a path or a list of paths")
         for name in ("max_length", "calibration_samples", "calibration_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"max_eval_samples={self.max_eval_samples} must be >= 1 or null (all)")
+        for name in ("text_column", "label_column", "train_split", "eval_split"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}='' is empty; give a column or split name")
 
 
 @dataclass
@@ -113,6 +135,9 @@ class EvalSpec:
         for name in ("batch_size", "latency_batch_size", "latency_seq_len", "latency_rounds", "periodicity"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        bad = [m for m in self.metrics if not isinstance(m, str) or not m.strip()]
+        if bad:
+            raise ValueError(f"metrics={self.metrics!r}: {bad[0]!r} is not a metric name (accuracy, f1, mse, ...)")
 
 
 @dataclass
@@ -120,6 +145,11 @@ class OutputSpec:
     dir: str | None = field(default=None, metadata={"help": "checkpoint directory (default outputs/<name>)"})
     plots: bool = field(default=True, metadata={"help": "draw PNG plots into <dir>/plots"})
     card: bool = field(default=True, metadata={"help": "write a model card (README.md) into <dir>"})
+
+    def __post_init__(self):
+        if self.dir is not None and not self.dir.strip():
+            raise ValueError("dir='' would write into the current directory; give a folder, or null for "
+                             "outputs/<name>")
 
 
 @dataclass
@@ -133,6 +163,9 @@ class HubSpec:
     def __post_init__(self):
         if self.push and not self.repo_id:
             raise ValueError("push: true needs repo_id (user/name)")
+        if self.repo_id is not None and (not REPO_ID.match(self.repo_id) or ".." in self.repo_id
+                                         or "--" in self.repo_id or len(self.repo_id) > 96):
+            raise ValueError(f"repo_id={self.repo_id!r} is not a Hub repo id like user/name")
 
 
 # ---- The recipe ----------------------------------------------------------------------------------------------
@@ -179,6 +212,17 @@ SECTIONS = {
     "hub": (lambda: HubSpec, True),
 }
 SCALARS = {"name": str, "description": str, "seed": int, "method": str}
+# TrainingArguments is only built at run time; these mistakes would otherwise surface after the model is loaded
+TRAINING_RANGES = {
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or >= 1"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+}
 TOP_LEVEL = tuple(SCALARS) + tuple(SECTIONS)
 
 
@@ -245,17 +289,22 @@ output:
 def load_recipe(source: str | Path | dict | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read (a path, a YAML string, a dict, or ``None`` for the default recipe), apply overrides, validate."""
     label = "<default recipe>"
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
+        raise RecipeError(f"overrides={overrides!r}: give a list of strings like ['--pruning.macs_ratio=0.5']")
     if source is None:
         raw = yaml.safe_load(DEFAULT_RECIPE_YAML)
     elif isinstance(source, dict):
         raw, label = copy.deepcopy(source), "<dict>"
+    elif not isinstance(source, (str, Path)):
+        raise RecipeError(f"recipe source {source!r}: give a path to a YAML file, a dict, or None (the default)")
     else:
         path = Path(source)
         if not path.is_file():
-            raise RecipeError(f"recipe {str(source)!r} not found")
+            raise RecipeError(f"recipe {str(source)!r} " + ("is a directory; give its .yaml file" if path.is_dir()
+                                                            else "not found"))
         label = str(path)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(), Loader=_StrictLoader)
         except yaml.YAMLError as err:
             raise RecipeError(f"{label}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -274,10 +323,14 @@ def validate(raw: dict) -> Recipe:
     """Check every key and type, build the sections, and check how they fit together."""
     _reject_unknown("recipe", raw, TOP_LEVEL)
     for key, kind in SCALARS.items():
-        if key in raw and not isinstance(raw[key], kind):
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
             raise RecipeError(f"{key}: expected {kind.__name__}, got {raw[key]!r}")
     if "name" not in raw:
         raise RecipeError("a recipe needs a `name` (it names the output directory)")
+    name = raw["name"]
+    if not name.strip() or name.strip() in (".", "..") or "/" in name or "\\" in name:
+        raise RecipeError(f"name={name!r}: the name is a directory name (outputs/<name>); give a non-empty one "
+                          "without slashes")
     method = raw.get("method", "oneshot")
     if method not in METHODS:
         raise RecipeError(f"method={method!r}; choose one of {METHODS}")
@@ -319,12 +372,33 @@ def _build_section(name: str, value, provider=None, build: bool | None = None):
             raise RecipeError(f"{name}.{key}: expected {_type_name(hints[key])}, got {item!r}")
     if name == "training" and "output_dir" in value:
         raise RecipeError("training.output_dir: set output.dir instead (training runs write below it)")
+    if name.endswith("training"):
+        for key, (ok, allowed) in TRAINING_RANGES.items():
+            if key in value and isinstance(value[key], (int, float)) and not ok(value[key]):
+                raise RecipeError(f"{name}.{key}={value[key]!r} must be {allowed}")
     if not build:
         return dict(value)
     try:
         return cls(**value)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{name}: {err}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last one
+    silently, so the first value, often the one the author meant, would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the safe loader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _reject_unknown(where: str, value: dict, allowed) -> None:

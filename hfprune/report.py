@@ -208,8 +208,9 @@ def draw_plots(directory: Path, results: dict, out: Path | None = None) -> list:
 
 
 def checkpoint_results(directory: Path) -> dict:
-    """``hfprune_results.json`` of a checkpoint written by ``hfprune run``; for any other pruned checkpoint,
-    costs measured from the model itself (dense sizes then read from the plan's config, where known)."""
+    """``hfprune_results.json`` of a checkpoint written by ``hfprune run``; for any other pruned checkpoint (from
+    ``save_pretrained`` or a Trainer), costs measured from the model itself, loaded by hfprune (no code from the
+    checkpoint runs), with the dense sizes its plan records."""
     from .run import RESULTS_FILE
 
     directory = Path(directory)
@@ -217,21 +218,61 @@ def checkpoint_results(directory: Path) -> dict:
         return json.loads((directory / RESULTS_FILE).read_text())
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a saved model")
-    from transformers import AutoConfig
-
     from . import cost
-    from .run import load_class_from_config
+    from .modeling.load import from_pretrained
 
-    config = AutoConfig.from_pretrained(directory, trust_remote_code=True)
-    model = load_class_from_config(config).from_pretrained(directory, trust_remote_code=True)
+    model = from_pretrained(directory)
+    plan = getattr(model, "hfprune_plan", None)
     after = cost.estimate(model)
-    layers = [{"stack": c.stack, "index": c.index, "dropped": False, "heads": dict(c.heads),
-               "neurons": dict(c.neurons)} for c in after.layers]
-    for r in layers:  # no dense reference saved: the widest layer stands in for it
-        r["dense_heads"] = {k: max(x["heads"].get(k, 0) for x in layers) for k in r["heads"]}
-        r["dense_neurons"] = {k: max(x["neurons"].get(k, 0) for x in layers) for k in r["neurons"]}
-    return {"model_type": config.model_type, "params": {"after": after.params}, "macs": {"after": after.macs,
-            "seq_len": after.seq_len}, "layers": layers, "metrics": {"before": {}, "after": {}}}
+    layers = dense_rows(after, plan)
+    results = {"model_type": model.config.model_type, "params": {"after": after.params},
+               "macs": {"after": after.macs, "seq_len": after.seq_len}, "layers": layers,
+               "metrics": {"before": {}, "after": {}}}
+    version = _plan_version(directory)
+    if version:
+        results["hfprune_version"] = version
+    if plan is not None and plan.base_model:
+        results["base_model"] = plan.base_model
+    return results
+
+
+def dense_rows(after, plan) -> list:
+    """Rows of :func:`layer_table` from a model's costs and the plan it was pruned with: every layer of the dense
+    model, dropped ones included, with the dense sizes the plan records (the widest kept layer stands in for
+    them when it records none: checkpoints from before plans carried ``dense``)."""
+    from .plan import ATTENTION_BLOCKS
+
+    measured = {}
+    for c in after.layers:
+        measured.setdefault(c.stack, []).append(c)
+    if plan is None or plan.dense is None:
+        layers = [{"stack": c.stack, "index": c.index, "dropped": False, "heads": dict(c.heads),
+                   "neurons": dict(c.neurons)} for c in after.layers]
+        for r in layers:
+            r["dense_heads"] = {k: max(x["heads"].get(k, 0) for x in layers) for k in r["heads"]}
+            r["dense_neurons"] = {k: max(x["neurons"].get(k, 0) for x in layers) for k in r["neurons"]}
+        return layers
+    rows = []
+    for key, entries in plan.stacks().items():
+        kept = iter(measured.get(key, ()))
+        for i, (entry, dense) in enumerate(zip(entries, plan.dense[key])):
+            c = None if entry.drop else next(kept, None)
+            heads = {n: d[0] for n, d in dense.items() if n in ATTENTION_BLOCKS}
+            neurons = {n: d[0] for n, d in dense.items() if n not in ATTENTION_BLOCKS}
+            rows.append({"stack": key, "index": i, "dropped": c is None, "dense_heads": heads,
+                         "heads": dict(c.heads) if c else dict.fromkeys(heads, 0), "dense_neurons": neurons,
+                         "neurons": dict(c.neurons) if c else dict.fromkeys(neurons, 0)})
+    return rows
+
+
+def _plan_version(directory: Path) -> str | None:
+    from .modeling.save import PLAN_FILE
+
+    path = directory / PLAN_FILE
+    try:
+        return json.loads(path.read_text()).get("hfprune_version") if path.is_file() else None
+    except ValueError:
+        return None
 
 
 def layer_table(layers: list) -> str:

@@ -18,7 +18,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,34 +79,45 @@ def _model_source(path: str) -> Path:
 
 
 def load_model(recipe: Recipe, path: Path):
+    """The recipe's model from ``path``. A checkpoint hfprune saved loads with :func:`hfprune.from_pretrained`,
+    which rebuilds it with the installed hfprune: no code from the checkpoint runs, whatever
+    ``model.trust_remote_code`` says (it only applies to other checkpoints)."""
     import transformers
 
-    kwargs = {"trust_remote_code": recipe.model.trust_remote_code}
+    from .modeling.load import from_pretrained, is_hfprune_checkpoint
+
+    kwargs = {}
     if recipe.model.num_labels is not None:
         kwargs["num_labels"] = recipe.model.num_labels
-    task = recipe.model.task
-    if task == "text-classification":
-        return transformers.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    if task == "causal-lm":
-        return transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    auto = {"text-classification": transformers.AutoModelForSequenceClassification,
+            "causal-lm": transformers.AutoModelForCausalLM}.get(recipe.model.task)
+    if is_hfprune_checkpoint(path):
+        return from_pretrained(path, auto, **kwargs)  # forecasting (auto None): the saved head class
+    kwargs["trust_remote_code"] = recipe.model.trust_remote_code
+    if auto is not None:
+        return auto.from_pretrained(path, **kwargs)
     config = transformers.AutoConfig.from_pretrained(path, **kwargs)  # forecasting: the saved head class
     return load_class_from_config(config).from_pretrained(path, **kwargs)
 
 
 def load_class_from_config(config):
-    """The transformers class a saved config loads with: the ``auto_map`` auto class whose target is the class
-    ``architectures`` names (pruned checkpoints with their own code), else that class itself."""
+    """The transformers class ``config.architectures`` names (the saved head class). Never a class from a
+    checkpoint's code: hfprune's own checkpoints load with :func:`hfprune.from_pretrained`."""
     import transformers
 
     name = (config.architectures or [None])[0]
-    auto_map = getattr(config, "auto_map", None) or {}
-    for auto_name, ref in sorted(auto_map.items()):
-        target = ref[0] if isinstance(ref, (list, tuple)) else ref
-        if auto_name != "AutoConfig" and hasattr(transformers, auto_name) and target.endswith(f"Pruned{name}"):
-            return getattr(transformers, auto_name)
-    if not hasattr(transformers, name or ""):
-        raise ValueError(f"config.architectures={config.architectures} names no transformers class")
+    if name is None:
+        raise ValueError("the saved config names no class in `architectures`; cannot tell which head to load")
+    if not hasattr(transformers, name):
+        raise ValueError(f"config.architectures={config.architectures}: transformers {transformers.__version__} "
+                         f"has no class {name}")
     return getattr(transformers, name)
+
+
+def _hub_id(value) -> str | None:
+    from .plan import hub_id
+
+    return hub_id(value)
 
 
 def load_tokenizer(recipe: Recipe, path: Path):
@@ -422,7 +432,8 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
     logger.info("pruned: %s", metrics_after)
     results = {
         "hfprune_version": _version(), "recipe": recipe.name, "method": recipe.method, "task": recipe.model.task,
-        "base_model": recipe.model.path,
+        # base_model(_id): a Hub id or None, for the card's metadata; model_path: where the dense model came from
+        "base_model": _hub_id(recipe.model.path), "model_path": recipe.model.path,
         "base_model_id": recipe.model.base_model, "base_model_dir": str(path), "model_type": target.config.model_type,
         "dataset": d.loader, "eval": {"split": d.eval_split, "examples": sum(len(next(iter(b.values())))
                                                                            for b in eval_batches or [])},
@@ -474,35 +485,32 @@ def scores_to_tensors(scores: dict) -> dict:
 
 
 def save_run(recipe: Recipe, model, tokenizer, results: dict, scores: dict) -> Path:
-    """Write checkpoint, tokenizer, results, recipe, importance scores, plots and card into a temporary
-    directory, then move it into place: a failed run leaves the previous output untouched."""
+    """Write checkpoint, tokenizer, results, recipe, importance scores, plots and card into the output folder as
+    one transaction (``modeling.transaction``): a failed or killed run leaves the previous output as it was, and
+    the folder's other files stay."""
     from safetensors.torch import save_file
 
-    from .modeling.save import _replace_dir
+    from .modeling.save import stage_checkpoint, weight_names
+    from .modeling.transaction import Transaction
 
     final = recipe.output_dir
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.run-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
+    txn = Transaction(final, weights=weight_names(model))
+    with txn as staging:
+        stage_checkpoint(model, txn)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(recipe.to_yaml())
+            tokenizer.save_pretrained(staging)
+        (staging / RECIPE_FILE).write_text(recipe.to_yaml())
         if scores:
-            save_file(scores_to_tensors(scores), str(tmp / SCORES_FILE))
+            save_file(scores_to_tensors(scores), str(staging / SCORES_FILE))
         if recipe.output.plots:
             from .report import draw_plots
 
-            results["plots"] = [str(p.relative_to(tmp)) for p in draw_plots(tmp, results)]
-        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
+            results["plots"] = [p.relative_to(staging).as_posix() for p in draw_plots(staging, results)]
+        (staging / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
         if recipe.output.card:
             from .card import build_card
 
-            build_card(tmp).save(tmp / "README.md")
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            build_card(staging).save(staging / "README.md")
     logger.info("saved to %s", final)
     return final
 
@@ -519,10 +527,21 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> dict:
     from . import cost
     from .oneshot import prune
 
-    if key not in BUDGET_KEYS:
+    # Everything about the arguments is checked before the dense model is loaded and evaluated (minutes).
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a hfprune.recipe.Recipe (load_recipe(...)), got {type(recipe).__name__}")
+    if not isinstance(key, str) or key not in BUDGET_KEYS:
         raise ValueError(f"sweep key {key!r}; choose one of {BUDGET_KEYS}")
     if recipe.method != "oneshot":
         raise ValueError("sweep runs one-shot pruning; use a recipe with method: oneshot")
+    if isinstance(ratios, (str, bytes)) or not isinstance(ratios, (list, tuple)) or not ratios:
+        raise ValueError(f"ratios={ratios!r}: give a non-empty list of budgets in (0, 1], e.g. [0.4, 0.6, 0.8]")
+    for ratio in ratios:
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+            raise ValueError(f"sweep ratio {ratio!r} ({key}): each ratio must be a number in (0, 1]")
+    budgets = {k: None for k in BUDGET_KEYS + ("head_ratio", "ffn_ratio")}
+    # PruningConfig checks each budget with the recipe's other settings (scope, recovery) now, not mid-sweep
+    configs = [(float(r), dataclasses.replace(recipe.pruning, **{**budgets, key: float(r)})) for r in sorted(ratios)]
     path = resolve_model_path(recipe)
     tokenizer = load_tokenizer(recipe, path)
     dense = load_model(recipe, path)
@@ -540,7 +559,6 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> dict:
                      "params": dense_cost.params}, "points": [], "key": key, "hardware": hardware(),
            "criterion": recipe.pruning.criterion,
            "recovery": recipe.pruning.resolved_recovery + ("+bias" if recipe.pruning.bias_compensation else "")}
-    budgets = {k: None for k in BUDGET_KEYS + ("head_ratio", "ffn_ratio")}
     scores = None
     if recipe.pruning.resolved_recovery == "none" and not recipe.pruning.bias_compensation \
             and key != "latency_ratio":
@@ -550,8 +568,7 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> dict:
         p = recipe.pruning
         scorer = get_importance(p.criterion, **({"seed": p.seed} if p.criterion == "random" else {}))
         scores = scorer.score(dense.eval(), calibration if scorer.needs_data else None)
-    for ratio in sorted(ratios):
-        config = dataclasses.replace(recipe.pruning, **{**budgets, key: float(ratio)})
+    for ratio, config in configs:
         model = copy.deepcopy(dense)
         if scores is not None:
             from .apply import apply_plan

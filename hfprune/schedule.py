@@ -86,6 +86,8 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ScheduleConfig:
+        if not isinstance(d, dict):
+            raise TypeError(f"a schedule is a dict of {[f.name for f in fields(cls)]}, got {d!r}")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown schedule keys {sorted(unknown)}; allowed: {[f.name for f in fields(cls)]}")

@@ -103,7 +103,18 @@ class ArchSpec:
         return cls(model_type=d["model_type"], stacks=stacks)
 
 
-class EmptyAttention(nn.Module):
+class _AnyCopy(type(nn.Module)):
+    """``isinstance`` also accepts these classes from another copy of this file: a model loaded with
+    ``trust_remote_code`` holds the ones its checkpoint's ``modeling_hfprune.py`` defines, and pruning or measuring
+    it again (here, or in that copy) must recognise them."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        # this file is hfprune.structure, or a checkpoint's modeling_hfprune (transformers_modules.<id>.modeling_...)
+        return any(c.__name__ == cls.__name__ and c.__module__.rpartition(".")[2] in ("structure", "modeling_hfprune")
+                   for c in type(obj).__mro__)
+
+
+class EmptyAttention(nn.Module, metaclass=_AnyCopy):
     """Stands in for an attention module that has lost every head.
 
     Returns what the fully masked module returns: the output projection's bias (or zeros), or a
@@ -140,7 +151,7 @@ class EmptyAttention(nn.Module):
         return (out,) + (None,) * (self.returns - 1)
 
 
-class EmptyFfn(nn.Module):
+class EmptyFfn(nn.Module, metaclass=_AnyCopy):
     """Stands in for an FFN with no neuron left: adds only its down projection's bias."""
 
     def __init__(self, out_features: int, bias: torch.Tensor | None):
@@ -329,6 +340,8 @@ def attention_dims(layer: nn.Module, spec: AttentionSpec) -> tuple[int, int, int
 
 def prune_attention(layer: nn.Module, spec: AttentionSpec, keep_heads: list, layer_idx: int | None) -> None:
     """Keep query heads ``keep_heads`` (sorted); key/value groups with no kept query head go too."""
+    if isinstance(get_module(layer, spec.module), EmptyAttention):
+        return  # no head left to remove (a plan can only keep [] of zero heads): pruning a pruned model again
     heads, kv_heads, head_dim = attention_dims(layer, spec)
     # Explicit CPU: from_pretrained builds under a meta-device context, where index math cannot run.
     keep = torch.as_tensor(sorted(keep_heads), dtype=torch.long, device="cpu")
@@ -369,6 +382,8 @@ def ffn_width(layer: nn.Module, spec: FfnSpec) -> int:
 
 
 def prune_ffn(layer: nn.Module, spec: FfnSpec, keep_neurons: list) -> None:
+    if spec.module is not None and isinstance(get_module(layer, spec.module), EmptyFfn):
+        return  # no neuron left to remove, as for an EmptyAttention
     keep = torch.as_tensor(sorted(keep_neurons), dtype=torch.long, device="cpu")
     down = get_module(layer, spec.down)
     if len(keep) == 0 and spec.module is not None:
@@ -422,7 +437,10 @@ def _layer_idx(layer: nn.Module, spec: AttentionSpec) -> int | None:
 
 def without_dropped(plan: dict) -> dict:
     """The plan as seen by a checkpoint whose dropped layers are already gone."""
-    return {k: [e for e in v if not e.get("drop")] if isinstance(v, list) else v for k, v in plan.items()}
+    # Only the stacks (lists of layer objects) lose entries; other keys (``dense``, ``base_model``, keys a newer
+    # hfprune may add) describe the plan and pass through untouched.
+    return {k: [e for e in v if not (isinstance(e, dict) and e.get("drop"))] if isinstance(v, list) else v
+            for k, v in plan.items()}
 
 
 # ----------------------------------------------------------------------------------------------

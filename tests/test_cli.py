@@ -105,6 +105,7 @@ def test_run_writes_a_checkpoint_that_reloads(ran):
     assert sum(p.numel() for p in model.parameters()) == results["params"]["after"]
     assert (out / "plots/kept_structure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.")]  # no temporary left behind
+    assert not [p for p in out.iterdir() if p.name.startswith(".hfprune-staging-")]
 
 
 def test_report_prints_layers_and_draws(ran, capsys):
@@ -125,10 +126,12 @@ def test_prune_command_data_free(ran, capsys, tmp_path):
     assert "parameters" in capsys.readouterr().out
 
 
-def test_prune_command_rejects_missing_budget(ran, tmp_path):
+def test_prune_command_rejects_missing_budget(ran, tmp_path, capsys):
     _, _, _, root = ran
-    with pytest.raises(SystemExit, match="exactly one budget"):
-        main(["prune", "--model_dir", str(root / "model"), "--output_dir", str(tmp_path / "p")])
+    assert main(["prune", "--model_dir", str(root / "model"), "--output_dir", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err
+    assert "hfprune prune: error: give exactly one budget" in err and err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
 
 
 def test_sweep_draws_pareto(ran, capsys):

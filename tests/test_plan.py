@@ -90,3 +90,39 @@ def test_compose_equals_applying_twice():
     second = PrunePlan.from_dict({"layers": [{"heads": [1], "ffn": [0, 3]}, {"drop": True}]})
     total = compose(first, second)
     assert total.to_dict()["layers"] == [{"heads": [2], "ffn": [1, 20]}, {"drop": True}, {"drop": True}]
+
+
+def test_plan_with_dense_dims_round_trips_and_reads_prune_plan_json(tmp_path):
+    dense = {"layers": [{"heads": [4, 2], "ffn": [37]}] * 3}
+    doc = {"model_type": "llama", "base_model": "org/tiny", "layers": [{"heads": [0, 1]}, {}, {"drop": True}],
+           "dense": dense}
+    plan = PrunePlan.from_dict(doc)
+    assert plan.dense["layers"][0] == {"heads": (4, 2), "ffn": (37,)} and plan.base_model == "org/tiny"
+    assert plan.to_dict() == doc and PrunePlan.from_json(plan.to_json()).to_dict() == doc
+    # what save_pretrained writes: hfprune_version and model_type next to the plan
+    (tmp_path / "prune_plan.json").write_text(json.dumps({"hfprune_version": "0.1.0", **doc}))
+    assert PrunePlan.from_json(tmp_path / "prune_plan.json").to_dict() == doc
+    assert plan.kept_dims() == {"layers": {0: {"heads": (2, 1), "ffn": (37,)}, 1: {"heads": (4, 2), "ffn": (37,)}}}
+    # `dense` and `base_model` say what the plan was applied to: plans keeping the same units are equal
+    assert plan == PrunePlan.from_dict({"model_type": "llama", "layers": doc["layers"]})
+
+
+def test_compose_keeps_the_dense_dims():
+    dense = {"layers": [{"ffn": [37]}] * 3}
+    first = PrunePlan.from_dict({"layers": [{"ffn": [1, 5, 9, 20]}, {"drop": True}, {}], "dense": dense})
+    total = compose(first, PrunePlan.from_dict({"layers": [{"ffn": [0, 3]}, {}]}))
+    assert total.dense == first.dense and total.to_dict()["dense"] == dense
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"layers": [{}], "hfprune_versoin": "1"}, "unknown plan key(s) ['hfprune_versoin']"),
+    ({"layers": [{}], "dense": {"layers": []}}, "dense['layers'] needs one entry per layer of the plan (1), got 0"),
+    ({"layers": [{}], "dense": {"layers": [{"heads": [4]}]}}, "dense['layers'][0].heads must be [heads, kv_heads]"),
+    ({"layers": [{}], "dense": {"layers": [{"ffn": [-1]}]}}, "dense['layers'][0].ffn must be [neurons]"),
+    ({"layers": [{}], "dense": {"decoder_layers": []}}, "dense: stack(s) ['decoder_layers'] are not in the plan"),
+    ({"layers": [{}], "base_model": 3}, "base_model must be a Hub id string or null"),
+])
+def test_metadata_errors(doc, message):
+    with pytest.raises(PlanError) as err:
+        PrunePlan.from_dict(doc)
+    assert message in str(err.value)

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 import hfprune
 from hfprune.apply import model_dims
 from hfprune.modeling import save as save_module
+from hfprune.modeling import transaction
 from hfprune.modeling.classes import original_class
 
 from .cases import CASES, random_plan
@@ -177,6 +178,7 @@ def _prepare(root: Path, job: Job, model, case, inputs: dict, generate: bool) ->
     work.mkdir(parents=True)
     tensors, extra = _encode_inputs(inputs)
     save_file(tensors, work / "inputs.safetensors")
+    job.info.update(inputs=inputs, plan=getattr(model, "hfprune_plan", None))  # for the in-process loads
     model.eval()
     torch.manual_seed(1234)
     with torch.no_grad():
@@ -485,6 +487,44 @@ def test_uniform_plan_saves_a_plain_checkpoint(reloaded, model_type, variant):
         assert torch.equal(load_file(_io(reloaded, job.name) / "outputs.safetensors")["generated"], job.generated)
 
 
+# -- hfprune.from_pretrained: the same checkpoints, in this process, with no code from them ----------------------
+
+HFPRUNE_LOADS = [f"hetero-{t}" for t in sorted(CASES)] + [f"plain-{t}-{v}" for t, v in PLAIN]
+
+
+@pytest.mark.parametrize("name", HFPRUNE_LOADS)
+def test_hfprune_from_pretrained_gives_the_pruned_outputs(reloaded, name, monkeypatch):
+    if name in reloaded["failed"]:
+        raise reloaded["failed"][name]
+    job = reloaded["jobs"][name]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{name}: the checkpoint's code was imported")
+
+    monkeypatch.setattr(T.dynamic_module_utils, "get_class_from_dynamic_module", refuse)
+    kwargs = {"attn_implementation": job.attn_implementation} if job.attn_implementation else {}
+    inputs = job.info["inputs"]
+    # the class config.json names, and the class the child loaded with (an auto class, resolved by hfprune)
+    for model_class in (None, getattr(T, job.loader)):
+        model = hfprune.from_pretrained(job.directory, model_class=model_class, **kwargs).eval()
+        assert original_class(model).__name__ == job.info.get("class", job.info.get("cls"))
+        assert model.hfprune_plan == job.info["plan"] and model.hfprune_plan.dense == job.info["plan"].dense
+        assert model.hfprune_heterogeneous == name.startswith("hetero-")
+        torch.manual_seed(1234)
+        with torch.no_grad():
+            outs = _leaves(model(**inputs))
+            assert len(outs) == len(job.expected) > 0
+            for i, (x, y) in enumerate(zip(outs, job.expected)):
+                assert x.shape == y.shape and x.dtype == y.dtype, (i, x.shape, y.shape)
+                diff = (x - y).abs().max().item() if x.numel() else 0.0
+                assert diff <= ATOL, f"{name} output {i}: max abs diff {diff:.3g} > {ATOL}"
+            if job.generated is not None:  # with a KV cache, as in the child
+                ids = inputs["input_ids"][:1]
+                generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=NEW_TOKENS, use_cache=True)
+                assert torch.equal(generated, job.generated)
+
+
 def test_plain_llama_keeps_gqa_shapes(reloaded):
     for variant, heads, kv_heads in (("groups", 2, 1), ("per_group", 2, 2)):
         job, res = _result(reloaded, f"plain-llama-{variant}")
@@ -576,28 +616,50 @@ def test_failed_save_over_a_checkpoint_keeps_it(tmp_path, monkeypatch):
     assert _snapshot(target) == before and sorted(tmp_path.iterdir()) == [target]
     monkeypatch.undo()
 
-    # failing at the very last step, the swap of the directories, restores the old checkpoint too
-    real_replace, calls = os.replace, []
+    # failing at the last step before the save counts, writing its commit marker, keeps the old checkpoint too
+    real_replace = os.replace
 
     def replace(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:
+        if Path(dst).name == transaction.MARKER:
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(save_module.os, "replace", replace)
+    monkeypatch.setattr(transaction.os, "replace", replace)
     with pytest.raises(OSError, match="rename failed"):
         replacement.save_pretrained(target)
     monkeypatch.undo()
     assert _snapshot(target) == before and sorted(tmp_path.iterdir()) == [target]
 
-    # a successful save replaces the checkpoint as a whole: no file of the old one survives
-    replacement.save_pretrained(target)
+    # failing after it, while the files move in, is finished by the next recovery: the new checkpoint, whole
+    moves = []
+
+    def replace_after_commit(src, dst):
+        if Path(src).parent.name.startswith(transaction.STAGING_PREFIX) and Path(dst).name != transaction.MARKER:
+            moves.append(dst)
+            if len(moves) == 2:
+                raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(transaction.os, "replace", replace_after_commit)
+    with pytest.raises(OSError, match="rename failed"):
+        replacement.save_pretrained(target)
+    monkeypatch.undo()
+    transaction.recover(target)
+    replacement.save_pretrained(tmp_path / "fresh")
+    fresh = _snapshot(tmp_path / "fresh")
+    shutil.rmtree(tmp_path / "fresh")
+
+    # the new checkpoint replaces the old one as a whole: no file of the old one survives (its remote code too)
     assert sorted(tmp_path.iterdir()) == [target]
     files = _snapshot(target)
+    assert files == fresh
     assert save_module.MODELING_FILE not in files
     config = json.loads(files["config.json"])
     assert "hfprune" not in config and "auto_map" not in config and config["intermediate_size"] == 3
+    # and a successful save over it in one go gives the same files
+    _bert(HETERO).save_pretrained(target)
+    replacement.save_pretrained(target)
+    assert _snapshot(target) == fresh
     reloaded = T.BertForSequenceClassification.from_pretrained(target)
     for name, tensor in replacement.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name

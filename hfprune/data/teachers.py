@@ -7,12 +7,13 @@ all start from, so they compare against the same dense model.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from filelock import FileLock
 
 from .assets import cache_dir, minilm_dir
 from .movie_reviews import movie_reviews
@@ -37,8 +38,7 @@ def movie_review_teacher(rebuild: bool = False) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several processes (benchmarks, recipes) may ask at once: one builds, the others wait and then find it.
-    with open(target.parent / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(target.parent / f"{key}.lock"):
         if (target / "teacher.json").is_file() and not rebuild:
             return target
         _build_movie_teacher(target)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 
 LOSSES = ("kl", "mse")
@@ -43,25 +45,49 @@ class DistillationConfig:
         "help": "run the teacher on this device, e.g. 'cpu' or 'cuda:1' (None: the training device)"})
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be > 0")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha={self.alpha!r} must be in [0, 1]")
-        if self.hidden_weight < 0:
-            raise ValueError(f"hidden_weight={self.hidden_weight!r} must be >= 0")
-        if self.loss not in LOSSES:
+        for name, allowed, ok in (("temperature", "a finite number > 0", lambda v: v > 0),
+                                  ("alpha", "a number in [0, 1]", lambda v: 0.0 <= v <= 1.0),
+                                  ("hidden_weight", "a finite number >= 0", lambda v: v >= 0)):
+            value = getattr(self, name)
+            # True is 1 and "0.5" fails later with an unrelated TypeError; inf and nan poison the loss
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+                    or not ok(value):
+                raise ValueError(f"{name}={value!r} must be {allowed}")
+        if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}; choose one of {LOSSES}")
-        if self.teacher_dtype is not None and self.teacher_dtype not in DTYPES:
+        if self.teacher_dtype is not None and (not isinstance(self.teacher_dtype, str)
+                                               or self.teacher_dtype not in DTYPES):
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}; choose one of {DTYPES} or None")
+        if self.teacher_device is not None:
+            import torch
+
+            try:
+                if not isinstance(self.teacher_device, str):
+                    raise TypeError
+                torch.device(self.teacher_device)
+            except (TypeError, RuntimeError):
+                raise ValueError(f"teacher_device={self.teacher_device!r} is not a device name like 'cpu', 'cuda' "
+                                 "or 'cuda:1'") from None
         if self.layer_map is not None:
             if not isinstance(self.layer_map, dict) or not self.layer_map:
                 raise ValueError(f"layer_map={self.layer_map!r} must be a non-empty dict student -> teacher index")
-            try:  # JSON/YAML give string keys
-                self.layer_map = {int(k): int(v) for k, v in self.layer_map.items()}
-            except (TypeError, ValueError):
-                raise ValueError(f"layer_map={self.layer_map!r} must map int to int") from None
-            if any(k < 0 or v < 0 for k, v in self.layer_map.items()):
+            parsed = {_index(k): _index(v) for k, v in self.layer_map.items()}  # JSON/YAML give string keys
+            if None in parsed or None in parsed.values():
+                raise ValueError(f"layer_map={self.layer_map!r} must map int to int")
+            if any(k < 0 or v < 0 for k, v in parsed.items()):
                 raise ValueError(f"layer_map={self.layer_map!r} has a negative index")
+            self.layer_map = parsed
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _index(value) -> int | None:
+    """A hidden-state index from an int or its string form (JSON keys); ``None`` for anything else (1.5, True)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None

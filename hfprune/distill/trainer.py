@@ -69,11 +69,13 @@ class DistillationTrainer(Trainer):
     loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated step itself
 
     def __init__(self, *args, teacher=None, distill_config: DistillationConfig | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
         if distill_config is None:
             distill_config = DistillationConfig()
-        if not isinstance(distill_config, DistillationConfig):
+        if not isinstance(distill_config, DistillationConfig):  # before Trainer.__init__ changes model and disk
             raise TypeError(f"distill_config must be a DistillationConfig, got {type(distill_config).__name__}")
+        if teacher is not None and not isinstance(teacher, torch.nn.Module):
+            raise TypeError(f"teacher must be a model (torch.nn.Module) or None, got {type(teacher).__name__}")
+        super().__init__(*args, **kwargs)
         self.distill_config = distill_config
         student = unwrap(self.model)
         if teacher is None:
@@ -93,10 +95,11 @@ class DistillationTrainer(Trainer):
             gen = torch.Generator().manual_seed(self.args.seed)  # identical on every rank
             self.projections = make_projections(self.layer_map, s_width, t_width, gen).to(self.args.device)
         self._step_totals = None
-        from ..callback import PruningCallback  # local: callback imports the whole pruning stack
-
-        for cb in [c for c in self.callback_handler.callbacks if isinstance(c, PruningCallback)]:
-            self.callback_handler.callbacks.remove(cb)  # ahead of the reporting integrations: they log its metrics
+        # Callbacks that put metrics into the logs (PruningCallback sets ``logs_metrics_first``) go ahead of the
+        # reporting integrations, which would otherwise send the logs before those metrics are in them. An attribute,
+        # not an isinstance check: distillation sits beside pruning and does not import it.
+        for cb in [c for c in self.callback_handler.callbacks if getattr(c, "logs_metrics_first", False)]:
+            self.callback_handler.callbacks.remove(cb)
             self.callback_handler.callbacks.insert(0, cb)
 
     # -- optimizer: the projections train with the student ------------------------------------------

@@ -27,8 +27,31 @@ class HfprunedModel:
 
 
 def original_class(model: nn.Module) -> type:
-    cls = type(model)
-    return cls.__bases__[1] if issubclass(cls, HfprunedModel) and cls in _CLASSES.values() else cls
+    """The transformers class under hfprune's classes: our ``Hfpruned*`` wrapper, and the ``Pruned*`` class of a
+    pruned checkpoint's code (from its remote ``modeling_hfprune.py`` or from ``hfprune.from_pretrained``).
+
+    Saving names this class in ``architectures`` and writes code that subclasses it; a ``Pruned*`` class from a
+    checkpoint's module would also make transformers copy that module's source (and its imports) on save.
+    """
+    return class_under(type(model))
+
+
+def class_under(cls: type) -> type:
+    """:func:`original_class` of a class."""
+    while True:
+        if issubclass(cls, HfprunedModel) and cls in _CLASSES.values():
+            cls = cls.__bases__[1]
+        elif is_pruned_code_class(cls):
+            cls = cls.__bases__[-1]
+        else:
+            return cls
+
+
+def is_pruned_code_class(cls: type) -> bool:
+    """A ``class PrunedX(PrunedModelMixin, X)``: matched by the mixin's name, since each checkpoint's
+    ``modeling_hfprune.py`` defines its own copy of it."""
+    bases = cls.__bases__
+    return len(bases) == 2 and bases[0].__name__ == "PrunedModelMixin" and cls.__name__ == f"Pruned{bases[1].__name__}"
 
 
 def mark_pruned(model: nn.Module, plan: PrunePlan, heterogeneous: bool) -> None:

@@ -1,5 +1,6 @@
 # Copyright hfprune contributors. Apache-2.0.
-"""Atomic saving of pruned models, with generated self-contained modeling code where it is needed.
+"""Saving of pruned models, with generated self-contained modeling code where it is needed. Saves go through
+``transaction``: the files already in the target folder stay.
 
 A plan the vanilla config can express saves as a plain checkpoint. Any other plan saves with
 ``modeling_hfprune.py`` (the structure engine plus one subclass per auto class) and an ``auto_map``, so
@@ -10,9 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import transformers
@@ -20,31 +18,71 @@ from torch import nn
 
 from .. import structure
 from ..version import __version__
-from .classes import original_class
+from .classes import HfprunedModel, original_class
+from .transaction import Transaction
 
 MODELING_FILE = "modeling_hfprune.py"
 PLAN_FILE = "prune_plan.json"
 
 
 def save_pruned(model: nn.Module, save_directory, *args, **kwargs) -> None:
-    """Save like ``save_pretrained``, atomically: a failure leaves no directory that looks valid."""
-    base = original_class(model)
-    if kwargs.get("push_to_hub"):
+    """Save like ``save_pretrained``, through a :class:`~hfprune.modeling.transaction.Transaction`: the folder's
+    other files stay, a failure leaves the previous checkpoint as it was, a kill is recovered by the next save."""
+    options = inspect.signature(original_class(model).save_pretrained).bind_partial(
+        model, save_directory, *args, **kwargs).arguments
+    if options.get("push_to_hub"):
         raise ValueError(
             "save_pretrained(push_to_hub=True) is not supported for pruned models; save, then push the folder"
         )
-    if not kwargs.get("is_main_process", True):
+    # Built (and the path checked) on every process, so a bad path fails on all ranks rather than hanging the others.
+    txn = Transaction(save_directory, weights=weight_names(model, options.get("variant")))
+    if not options.get("is_main_process", True):
         return  # only the main process writes; the others have nothing to add
-    final = Path(save_directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.hfprune-tmp-{uuid.uuid4().hex[:8]}"
+    with txn:
+        stage_checkpoint(model, txn, *args, **kwargs)
+
+
+def stage_checkpoint(model: nn.Module, txn: Transaction, *args, **kwargs) -> None:
+    """Write ``model``'s checkpoint into the staging folder of the open transaction ``txn`` and declare the files of
+    an earlier save it supersedes. A model hfprune did not prune saves as transformers saves it."""
+    staging = txn.staging
+    if not isinstance(model, HfprunedModel):
+        model.save_pretrained(staging, *args, **kwargs)
+        return
+    base = original_class(model)
+    base.save_pretrained(model, staging, *args, **kwargs)
+    _finish(model, base, staging)
+    txn.superseded += superseded_code(txn.target, staging)
+
+
+def weight_names(model: nn.Module, variant: str | None = None) -> tuple:
+    """``(single file, index)`` names ``save_pretrained`` gives ``model``'s weights, as transformers 5 names them."""
+    adapters = getattr(model, "_hf_peft_config_loaded", False)
+    return (_add_variant("adapter_model.safetensors" if adapters else "model.safetensors", variant),
+            _add_variant("model.safetensors.index.json", variant))
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    # transformers.modeling_utils._add_variant, which is private: the variant goes before the last extension.
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def superseded_code(target: Path, staging: Path) -> list:
+    """``[MODELING_FILE]`` when the checkpoint in ``target`` was an hfprune save with remote code (its config's
+    ``auto_map`` names our modeling file) and the new one in ``staging`` has none; stale code beside a plain
+    checkpoint would be pushed and read as part of it."""
+    if (staging / MODELING_FILE).exists() or not (target / MODELING_FILE).is_file():
+        return []
     try:
-        base.save_pretrained(model, tmp, *args, **kwargs)
-        _finish(model, base, tmp)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        auto_map = json.loads((target / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    ours = f"{MODELING_FILE[:-3]}."
+    refs = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value])]
+    return [MODELING_FILE] if any(isinstance(v, str) and v.startswith(ours) for v in refs) else []
 
 
 def _finish(model: nn.Module, base: type, directory: Path) -> None:
@@ -52,9 +90,24 @@ def _finish(model: nn.Module, base: type, directory: Path) -> None:
     config = json.loads(config_path.read_text())
     config["architectures"] = [base.__name__]
     if model.hfprune_heterogeneous:
+        from ..plan import PrunePlan
+
+        record = config.get(structure.HFPRUNE_CONFIG_KEY) or {}
+        # The record is what the weights are rebuilt with; prune_plan.json must say the same (the loader refuses
+        # a checkpoint where they differ), and it gains the dense sizes a record from an older hfprune lacks.
+        if PrunePlan.from_dict(record.get("plan") or {"layers": []}).stacks() != model.hfprune_plan.stacks():
+            raise ValueError("the model's hfprune_plan and its config's hfprune record disagree; re-apply the plan "
+                             "with hfprune.apply_plan before saving")
+        record["plan"] = model.hfprune_plan.to_dict()
         config["auto_map"] = write_modeling_file(model, base, directory)
     else:
         config.pop(structure.HFPRUNE_CONFIG_KEY, None)
+        # a model loaded from a heterogeneous checkpoint's code and pruned to a plain one: no code to point at
+        auto_map = {k: v for k, v in (config.get("auto_map") or {}).items() if MODELING_FILE[:-3] not in str(v)}
+        if auto_map:
+            config["auto_map"] = auto_map
+        else:
+            config.pop("auto_map", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     plan = {"hfprune_version": __version__, "model_type": config.get("model_type"), **model.hfprune_plan.to_dict()}
     (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
@@ -109,17 +162,3 @@ def auto_classes_for(model_type: str, class_name: str) -> list:
         if names == class_name or (isinstance(names, (list, tuple)) and class_name in names):
             found.append(auto_name)
     return sorted(found)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = final.parent / f".{final.name}.hfprune-old-{uuid.uuid4().hex[:8]}"
-    os.replace(final, old)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
