@@ -16,7 +16,8 @@ from torch import nn
 
 from .apply import as_plan, unwrap
 from .arch import get_adapter
-from .structure import EmptyAttention, EmptyFfn, attention_dims, get_module, in_features, out_features
+from .blocks import Block, bias_of, iter_layers, layer_blocks
+from .structure import in_features, out_features
 
 
 @dataclass(frozen=True)
@@ -53,25 +54,24 @@ def _numel(module: nn.Module) -> int:
 
 
 def _bias(module: nn.Module) -> int:
-    base = getattr(module, "base_layer", module)
-    return 0 if getattr(base, "bias", None) is None else base.bias.numel()
+    b = bias_of(module)
+    return 0 if b is None else b.numel()
 
 
-def _attention_cost(layer: nn.Module, spec, keep, seq_len: int) -> tuple:
+def _attention_cost(block: Block, keep, seq_len: int) -> tuple:
     """(params now, params kept, MACs kept, kept heads) of one attention block."""
-    module = get_module(layer, spec.module)
-    if isinstance(module, EmptyAttention):
-        return _numel(module), _numel(module), 0, 0
-    heads, kv_heads, head_dim = attention_dims(layer, spec)
-    names = [spec.q] if spec.fused_qkv else [spec.q, spec.k, spec.v]
-    projs = [get_module(layer, n) for n in dict.fromkeys(names)]
-    o = get_module(layer, spec.o)
-    now = sum(_numel(p) for p in projs) + _numel(o)
+    if block.is_empty():
+        return _numel(block.module()), _numel(block.module()), 0, 0
+    heads, kv_heads, head_dim = block.dims()
+    spec = block.spec
+    projs = block.input_projections()
+    o = block.output_projection()
+    now = sum(_numel(p) for p in block.projections())
     if keep is not None and len(keep) == 0:
         # The whole module becomes an EmptyAttention (per-head norms and scales go too); only the output
         # projection's bias survives, inside it (``empty="bias"``) or on the outer projection ("context").
         inside = spec.o.startswith(spec.module + ".") if spec.module else True
-        now = _numel(module) + (0 if inside else _numel(o))
+        now = _numel(block.module()) + (0 if inside else _numel(o))
         return now, _bias(o), 0, 0
     n = heads if keep is None else len(keep)
     n_kv = kv_heads if keep is None else len({h // (heads // kv_heads) for h in keep})
@@ -90,17 +90,16 @@ def _attention_cost(layer: nn.Module, spec, keep, seq_len: int) -> tuple:
     return now, kept, macs, n
 
 
-def _ffn_cost(layer: nn.Module, spec, keep, seq_len: int) -> tuple:
+def _ffn_cost(block: Block, keep, seq_len: int) -> tuple:
     """(params now, params kept, MACs kept, kept neurons) of one FFN block."""
-    if spec.module is not None and isinstance(get_module(layer, spec.module), EmptyFfn):
-        module = get_module(layer, spec.module)
-        return _numel(module), _numel(module), 0, 0
-    ups = [get_module(layer, n) for n in spec.up]
-    down = get_module(layer, spec.down)
-    now = sum(_numel(u) for u in ups) + _numel(down)
-    if keep is not None and len(keep) == 0 and spec.module is not None:
+    if block.is_empty():
+        return _numel(block.module()), _numel(block.module()), 0, 0
+    ups = block.input_projections()
+    down = block.output_projection()
+    now = sum(_numel(p) for p in block.projections())
+    if keep is not None and len(keep) == 0 and block.spec.module is not None:
         # The whole block becomes an EmptyFfn that keeps only the down projection's bias.
-        return _numel(get_module(layer, spec.module)), _bias(down), 0, 0
+        return _numel(block.module()), _bias(down), 0, 0
     n = out_features(ups[0]) if keep is None else len(keep)
     per_token = sum(in_features(u) * n for u in ups) + n * out_features(down)
     kept = per_token + sum(n for u in ups if _bias(u)) + _bias(down)
@@ -114,23 +113,22 @@ def estimate(model: nn.Module, plan=None, seq_len: int = 128) -> CostReport:
     model = unwrap(model)
     spec = get_adapter(model).arch_spec(model.config)
     plan = as_plan(plan) if plan is not None else None
+    planned = plan.stacks() if plan is not None else {}
     total = _numel(model)
     layers = []
-    for key, stack in spec.stacks.items():
-        entries = plan.stacks().get(key) if plan is not None else None
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            entry = entries[i] if entries else None
-            layer_params = _numel(layer)
-            if entry is not None and entry.drop:
-                total -= layer_params
-                continue
-            params, macs, heads, neurons = layer_params, 0, {}, {}
-            for name, attn in stack.attention.items():
-                now, kept, m, heads[name] = _attention_cost(layer, attn, entry and entry.get(name), seq_len)
-                params, macs = params - now + kept, macs + m
-            for name, ffn in stack.ffn.items():
-                now, kept, m, neurons[name] = _ffn_cost(layer, ffn, entry and entry.get(name), seq_len)
-                params, macs = params - now + kept, macs + m
-            total += params - layer_params
-            layers.append(LayerCost(key, i, params, macs, heads, neurons))
+    for key, i, layer, stack in iter_layers(model, spec):
+        entries = planned.get(key)
+        entry = entries[i] if entries else None
+        layer_params = _numel(layer)
+        if entry is not None and entry.drop:
+            total -= layer_params
+            continue
+        params, macs, heads, neurons = layer_params, 0, {}, {}
+        for block in layer_blocks(key, i, layer, stack):
+            cost = _attention_cost if block.is_attention else _ffn_cost
+            now, kept, m, units = cost(block, entry and entry.get(block.key.name), seq_len)
+            (heads if block.is_attention else neurons)[block.key.name] = units
+            params, macs = params - now + kept, macs + m
+        total += params - layer_params
+        layers.append(LayerCost(key, i, params, macs, heads, neurons))
     return CostReport(params=total, macs=sum(c.macs for c in layers), seq_len=seq_len, layers=tuple(layers))

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from .apply import unwrap
-from .arch import get_adapter
-from .structure import attention_dims, ffn_width, get_module, in_features, out_features
+from .blocks import iter_blocks
+from .structure import in_features, out_features
 
 
 @dataclass(frozen=True)
@@ -178,41 +178,35 @@ def measure(model: nn.Module, batch_size: int = 32, seq_len: int = 128, points: 
         raise ValueError(f"batch_size, seq_len, points and repeats must be >= 1, got {batch_size}, {seq_len}, "
                          f"{points}, {repeats}")
     model = unwrap(model)
-    spec = get_adapter(model).arch_spec(model.config)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     cache: dict = {}
     table = LatencyTable(batch_size, seq_len, _device_name(device))
-    for key, stack in spec.stacks.items():
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            for name, attn in stack.attention.items():
-                heads, kv_heads, head_dim = attention_dims(layer, attn)
-                if heads == 0:
-                    continue
-                hidden = in_features(get_module(layer, attn.q))
-                out = out_features(get_module(layer, attn.o))
-                sig = ("attention", hidden, out, heads, kv_heads, head_dim, attn.fused_qkv)
-                if sig not in cache:
-                    group = heads // kv_heads
-                    widths = _widths(heads, points, group)
-                    x = torch.randn(batch_size, seq_len, hidden, device=device, dtype=dtype)
-                    secs = [_time(_Attention(hidden, out, w, w // group, head_dim, attn.fused_qkv).to(device, dtype),
-                                  x, repeats) for w in widths]
-                    cache[sig] = BlockLatency(tuple(widths), tuple(secs), *fit_line(widths, secs))
-                table.entries[(key, i, name)] = cache[sig]
-            for name, ffn in stack.ffn.items():
-                n = ffn_width(layer, ffn)
-                if n == 0:
-                    continue
-                hidden = in_features(get_module(layer, ffn.up[0]))
-                out = out_features(get_module(layer, ffn.down))
-                sig = ("ffn", hidden, out, n, len(ffn.up))
-                if sig not in cache:
-                    widths = _widths(n, points)
-                    x = torch.randn(batch_size, seq_len, hidden, device=device, dtype=dtype)
-                    secs = [_time(_Ffn(hidden, out, w, len(ffn.up)).to(device, dtype), x, repeats) for w in widths]
-                    cache[sig] = BlockLatency(tuple(widths), tuple(secs), *fit_line(widths, secs))
-                table.entries[(key, i, name)] = cache[sig]
+    for block in iter_blocks(model):
+        units, kv_units, head_dim = block.dims()
+        if units == 0:
+            continue
+        hidden = in_features(block.input_projections()[0])
+        out = out_features(block.output_projection())
+        if block.is_attention:
+            fused = block.spec.fused_qkv
+            sig = ("attention", hidden, out, units, kv_units, head_dim, fused)
+            if sig not in cache:
+                group = units // kv_units
+                widths = _widths(units, points, group)
+                x = torch.randn(batch_size, seq_len, hidden, device=device, dtype=dtype)
+                secs = [_time(_Attention(hidden, out, w, w // group, head_dim, fused).to(device, dtype), x, repeats)
+                        for w in widths]
+                cache[sig] = BlockLatency(tuple(widths), tuple(secs), *fit_line(widths, secs))
+        else:
+            n_up = len(block.spec.up)
+            sig = ("ffn", hidden, out, units, n_up)
+            if sig not in cache:
+                widths = _widths(units, points)
+                x = torch.randn(batch_size, seq_len, hidden, device=device, dtype=dtype)
+                secs = [_time(_Ffn(hidden, out, w, n_up).to(device, dtype), x, repeats) for w in widths]
+                cache[sig] = BlockLatency(tuple(widths), tuple(secs), *fit_line(widths, secs))
+        table.entries[block.key] = cache[sig]
     return table
 
 

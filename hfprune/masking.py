@@ -16,8 +16,8 @@ from torch import nn
 
 from .apply import as_plan, model_dims, unwrap
 from .arch import get_adapter
+from .blocks import iter_blocks, iter_layers
 from .plan import ATTENTION_BLOCKS, PrunePlan
-from .structure import attention_dims, get_module
 
 
 class Masks:
@@ -47,10 +47,8 @@ class Masks:
         device = next(self.model.parameters()).device
         self.gates: dict = {}
         self.dropped: set = set()
-        for key, layers in model_dims(self.model, self.spec).items():
-            for i, blocks in enumerate(layers):
-                for name, size in blocks.items():
-                    self.gates[(key, i, name)] = torch.ones(size[0], dtype=dtype, device=device)
+        for block in iter_blocks(self.model, self.spec):
+            self.gates[block.key] = torch.ones(block.units, dtype=dtype, device=device)
         self._handles: list = []
 
     # -- plan <-> gates --------------------------------------------------------------------------
@@ -98,23 +96,18 @@ class Masks:
     def attach(self) -> Masks:
         if self._handles:
             return self
-        base = self.model.base_model
-        for key, stack in self.spec.stacks.items():
-            layers = get_module(base, stack.layers)
-            for i, layer in enumerate(layers):
-                for name, attn in stack.attention.items():
-                    head_dim = attention_dims(layer, attn)[2]
-                    gate = self.gates[(key, i, name)]
-                    self._hook_input(get_module(layer, attn.o), gate, head_dim)
-                    if attn.gate_query:
-                        self._hook_query(get_module(layer, attn.q), gate, head_dim)
-                    if attn.draws_rng:  # a fully masked module draws nothing, like the EmptyAttention
-                        self._keep_rng(get_module(layer, attn.module), lambda gate=gate: not bool(gate.any()))
-                for name, ffn in stack.ffn.items():
-                    self._hook_input(get_module(layer, ffn.down), self.gates[(key, i, name)], 1)
-                if any(attn.draws_rng for attn in stack.attention.values()):  # nor does a dropped layer
-                    self._keep_rng(layer, lambda key=key, i=i: (key, i) in self.dropped)
-                self._handles.append(layer.register_forward_hook(self._identity_hook(key, i), with_kwargs=True))
+        for block in iter_blocks(self.model, self.spec):
+            gate = self.gates[block.key]
+            self._hook_input(block.output_projection(), gate, block.width)
+            if block.is_attention and block.spec.gate_query:
+                self._hook_query(block.input_projections()[0], gate, block.width)
+            if block.is_attention and block.spec.draws_rng:  # a fully masked module draws nothing, like EmptyAttention
+                self._keep_rng(block.module(), lambda gate=gate: not bool(gate.any()))
+        # hooks on the layers themselves (other modules than the blocks': registration order between them is moot)
+        for key, i, layer, stack in iter_layers(self.model, self.spec):
+            if any(attn.draws_rng for attn in stack.attention.values()):  # nor does a dropped layer
+                self._keep_rng(layer, lambda key=key, i=i: (key, i) in self.dropped)
+            self._handles.append(layer.register_forward_hook(self._identity_hook(key, i), with_kwargs=True))
         return self
 
     def remove(self) -> None:

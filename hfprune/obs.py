@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .apply import model_dims, unwrap
+from .apply import unwrap
 from .arch import get_adapter
+from .blocks import base_layer, get_block, is_conv1d, iter_blocks, iter_stacks, merged_weight
+from .calibration import Stop, device_batches, token_rows
 from .importance.base import iterate, reduce_across_processes
-from .recovery import _base_layer, _is_conv1d, _merged_weight, _recovery_batches, _Stop, _tokens, tunable_blocks
-from .structure import get_module, in_features
+from .recovery import tunable_blocks
+from .structure import in_features
 
 DAMP = 0.01  # relative to the mean diagonal of H, as in SparseGPT: keeps rarely active units from blowing up
 
@@ -111,18 +113,17 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
     pruned = _pruned_blocks(model, spec, kept)
     if not pruned:
         return dict(kept)
-    batches = _recovery_batches(model, batches, max_examples)
+    batches = device_batches(model, iterate(batches, "recovery data"), max_examples)
     out = dict(kept)
     # restored if anything fails half-way, so nothing is half-written; kept on the CPU, only what changes
-    saved = {b[0]: _base_layer(b[1]).weight.detach().to("cpu", copy=True) for bs in pruned.values() for b in bs}
+    saved = {b[0]: base_layer(b[1]).weight.detach().to("cpu", copy=True) for bs in pruned.values() for b in bs}
     use_cache = getattr(model.config, "use_cache", None)
     try:
         if use_cache is not None:  # a KV cache would grow with every replay of a layer
             model.config.use_cache = False
         with torch.no_grad():
             calls_per_block = _check_replay(model, spec, batches[0], pruned)
-            for stack_key, stack in spec.stacks.items():
-                layers = get_module(model.base_model, stack.layers)
+            for stack_key, stack, layers in iter_stacks(model, spec):
                 calls = [_record(model, {stack_key: layers}, batch)[stack_key] for batch in batches]
                 hidden = [_hidden(c[0]) for c in calls]
                 for i, layer in enumerate(iterate(layers, f"OBS {stack_key}")):
@@ -137,7 +138,7 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
         with torch.no_grad():
             for bs in pruned.values():
                 for key, module, _ in bs:
-                    weight = _base_layer(module).weight
+                    weight = base_layer(module).weight
                     weight.copy_(saved[key].to(weight.device))
         raise
     finally:
@@ -150,18 +151,15 @@ def _pruned_blocks(model: nn.Module, spec, kept: dict) -> dict:
     """``{(stack, layer): [(key, output projection, width per unit)]}`` of the blocks ``kept`` prunes; raises
     ``ValueError`` for what cannot be reconstructed."""
     name = type(model).__name__
-    for stack_key, stack in spec.stacks.items():
-        for attn in stack.attention.values():
-            if attn.draws_rng:
-                raise ValueError(f"{name}: the attention of stack {stack_key!r} draws random numbers in every "
-                                 "forward pass (ProbSparse), so a replayed layer does not compute what the model did; "
-                                 "use attention_type='full', or recovery 'none'")
+    for block in iter_blocks(model, spec, kind="heads"):
+        if block.spec.draws_rng:
+            raise ValueError(f"{name}: the attention of stack {block.key.stack!r} draws random numbers in every "
+                             "forward pass (ProbSparse), so a replayed layer does not compute what the model did; "
+                             "use attention_type='full', or recovery 'none'")
     tunable = {key: (module, width) for key, module, width in tunable_blocks(model)}
-    dims = model_dims(model, spec)
     out: dict = {}
     for key, keep in kept.items():
-        stack_key, i, block = key
-        if keep is None or len(keep) >= dims[stack_key][i][block][0]:
+        if keep is None or len(keep) >= get_block(model, key, spec).units:
             continue
         if key not in tunable:  # Autoformer: zeroing heads' output columns is not what removing them does
             raise ValueError(f"{name}: block {key} averages query-key scores over its heads, so removing heads "
@@ -178,7 +176,7 @@ def _pruned_blocks(model: nn.Module, spec, kept: dict) -> dict:
 def _update(module: nn.Module, key, width: int, is_ffn: bool, keep, hessian: torch.Tensor, damp: float) -> dict:
     """Reconstruct one output projection from its input Hessian; ``{key: kept units}`` for an FFN it re-picked."""
     units = in_features(module) // width
-    weight = _merged_weight(module).double()
+    weight = merged_weight(module).double()
     hinv = damped_inverse(hessian, damp)
     if is_ffn and width == 1:
         new, removed = greedy_drop(weight, hinv, units - len(keep))
@@ -187,9 +185,9 @@ def _update(module: nn.Module, key, width: int, is_ffn: bool, keep, hessian: tor
         gone = sorted(set(range(units)) - set(keep))
         new, _ = drop_columns(weight, hinv, [u * width + d for u in gone for d in range(width)])
         result = {}
-    base = _base_layer(module)
+    base = base_layer(module)
     delta = (new - weight).to(base.weight.dtype)
-    base.weight.add_(delta.T if _is_conv1d(base) else delta)  # merged LoRA weight = new: removed columns silent
+    base.weight.add_(delta.T if is_conv1d(base) else delta)  # merged LoRA weight = new: removed columns silent
     return result
 
 
@@ -235,14 +233,14 @@ def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
         return module.register_forward_pre_hook(pre_hook)
 
     handles = [watch(key, module) for bs in pruned.values() for key, module, _ in bs]
+    stacks = {key: layers for key, _, layers in iter_stacks(model, spec)}
     try:  # one pass: the call counts are per forward pass
-        calls = _record(model, {k: get_module(model.base_model, st.layers) for k, st in spec.stacks.items()}, batch,
-                        keep_hidden=True)
+        calls = _record(model, stacks, batch, keep_hidden=True)
     finally:
         for h in handles:
             h.remove()
-    for stack_key, stack in spec.stacks.items():
-        layers, recorded = get_module(model.base_model, stack.layers), calls[stack_key]
+    for stack_key, layers in stacks.items():
+        recorded = calls[stack_key]
         if len(recorded) != len(layers):
             raise ValueError(f"{type(model).__name__}: stack {stack_key!r} made {len(recorded)} layer calls for "
                              f"{len(layers)} layers; recovery='obs' replays each layer once")
@@ -293,7 +291,7 @@ def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop
     def pre_hook(_m, args, kwargs):
         seen.append((args[0] if args else kwargs["input"]).detach())
         if stop:
-            raise _Stop
+            raise Stop
 
     handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
     hessian = None
@@ -301,12 +299,12 @@ def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop
         for h, call, batch in zip(hidden, calls, batches):
             try:
                 _run(layer, h, call)
-            except _Stop:
+            except Stop:
                 pass
             if not seen:
                 raise RuntimeError(f"{type(module).__name__} did not run when its layer was replayed")
             for x in seen:
-                x = _tokens(x, batch).double()
+                x = token_rows(x, batch).double()
                 hessian = x.T @ x if hessian is None else hessian + x.T @ x
             seen.clear()
     finally:

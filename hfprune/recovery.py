@@ -31,9 +31,11 @@ from torch import nn
 
 from .apply import unwrap
 from .arch import get_adapter
-from .importance.base import iterate, reduce_across_processes, to_device
+from .blocks import base_layer, bias_of, is_conv1d, iter_blocks, merged_weight
+from .calibration import capture, device_batches, token_rows
+from .importance.base import iterate, reduce_across_processes
 from .masking import Masks
-from .structure import _base_layer, _is_conv1d, attention_dims, get_module, in_features, out_features
+from .structure import in_features, out_features
 
 RIDGE = 1e-4  # relative to the mean diagonal of A^T A: keeps near-collinear units from blowing up
 CLAMP = (-10.0, 10.0)  # scales outside this range are not trusted (Kwon et al. clamp the same way)
@@ -174,10 +176,10 @@ def residual(ata: torch.Tensor, atb: torch.Tensor, s: torch.Tensor) -> float:
 def fold_scales(module: nn.Module, scales: torch.Tensor, width: int = 1) -> None:
     """Multiply the input columns of ``module`` (an output projection: Linear, Conv1D or LoRA-wrapped) by
     ``scales`` repeated ``width`` times: the same as gating its input with ``scales``."""
-    base = _base_layer(module)
+    base = base_layer(module)
     with torch.no_grad():
         col = scales.repeat_interleave(width).to(base.weight.device, base.weight.dtype)
-        if _is_conv1d(base):  # weight (in, out)
+        if is_conv1d(base):  # weight (in, out)
             base.weight.mul_(col[:, None])
         else:
             base.weight.mul_(col[None, :])
@@ -186,71 +188,15 @@ def fold_scales(module: nn.Module, scales: torch.Tensor, width: int = 1) -> None
                 a.weight.mul_(col[None, :])
 
 
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once the block of interest has run."""
-
-
-def _tokens(t: torch.Tensor, batch: dict) -> torch.Tensor:
-    """(tokens, features) of a (B, T, features) activation, without padding positions when the batch says which."""
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and t.dim() == 3 and tuple(mask.shape) == tuple(t.shape[:2]):
-        return t[mask.bool()]
-    return t.reshape(-1, t.shape[-1])
-
-
-def _capture(model: nn.Module, module: nn.Module, batch: dict, what: str) -> torch.Tensor:
-    """The input (``what='input'``) or output of ``module`` in one forward pass, stopping there."""
-    seen = {}
-
-    def pre_hook(_m, args, kwargs):
-        if what == "input":
-            seen["t"] = (args[0] if args else kwargs["input"]).detach()
-            raise _Stop
-
-    def hook(_m, _args, output):
-        seen["t"] = (output[0] if isinstance(output, tuple) else output).detach()
-        raise _Stop
-
-    # with_kwargs pre-hooks run after the masks' gate hook (registered earlier) in registration order: the
-    # captured input of the tuned block is read with its own gate set to ones, i.e. raw
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True) if what == "input" \
-        else module.register_forward_hook(hook)
-    try:
-        model(**batch)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if "t" not in seen:
-        raise RuntimeError(f"{type(module).__name__} did not run in the forward pass")
-    return seen["t"]
-
-
 def tunable_blocks(model: nn.Module) -> list:
     """``[(key, output projection, width per unit)]`` in forward order (stacks, layers, attention then FFN)."""
-    model = unwrap(model)
-    spec = get_adapter(model).arch_spec(model.config)
     out = []
-    for key, stack in spec.stacks.items():
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            for name, attn in stack.attention.items():
-                heads, _, head_dim = attention_dims(layer, attn)
-                if heads and not attn.gate_query:  # real-valued gates on a query-averaging module mean nothing
-                    out.append(((key, i, name), get_module(layer, attn.o), head_dim))
-            for name, ffn in stack.ffn.items():
-                out.append(((key, i, name), get_module(layer, ffn.down), 1))
+    for block in iter_blocks(unwrap(model)):
+        # real-valued gates on a query-averaging module mean nothing; an attention block without heads has none
+        if block.is_attention and (block.spec.gate_query or block.units == 0):
+            continue
+        out.append((block.key, block.output_projection(), block.width))
     return out
-
-
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    base = _base_layer(module)
-    w = base.weight.T if _is_conv1d(base) else base.weight
-    return w.detach()
-
-
-def _bias(module: nn.Module):
-    b = getattr(_base_layer(module), "bias", None)
-    return None if b is None else b.detach()
 
 
 def tune_scales(model: nn.Module, kept: dict, batches, ridge: float = RIDGE, clamp: tuple = CLAMP,
@@ -268,7 +214,7 @@ def tune_scales(model: nn.Module, kept: dict, batches, ridge: float = RIDGE, cla
     their merged weight.
     """
     model = unwrap(model)
-    batches = _recovery_batches(model, batches, max_examples)
+    batches = device_batches(model, iterate(batches, "recovery data"), max_examples)
     masks = Masks(model)
     tuned = {k: torch.ones_like(g) for k, g in masks.gates.items()}
     for key, keep in kept.items():
@@ -284,21 +230,21 @@ def tune_scales(model: nn.Module, kept: dict, batches, ridge: float = RIDGE, cla
             keep = torch.nonzero(tuned[key]).flatten().tolist()
             if not keep:
                 continue
-            weight = _merged_weight(module)
-            bias = _bias(module)
+            weight = merged_weight(module)
+            bias = bias_of(module)
             ata = torch.zeros(len(keep), len(keep), dtype=torch.float64, device=weight.device)
             atb = torch.zeros(len(keep), dtype=torch.float64, device=weight.device)
             with torch.no_grad():
                 for j, batch in enumerate(batches):
                     if targets is None:
                         _set(masks, None)
-                        y = _capture(model, module, batch, "output")
-                        y = _tokens(y - bias if bias is not None else y, batch)
+                        y = capture(model, module, batch, "output")
+                        y = token_rows(y - bias if bias is not None else y, batch)
                     else:
                         y = targets[j][key]
-                    _set(masks, tuned, ones=key)
-                    x = _capture(model, module, batch, "input")
-                    a, b = normal_equations(_tokens(x, batch), weight, y, keep, width)
+                    _set(masks, tuned, ones=key)  # the tuned block's own gate is one: its input is read raw
+                    x = capture(model, module, batch, "input")
+                    a, b = normal_equations(token_rows(x, batch), weight, y, keep, width)
                     ata += a
                     atb += b
             s = solve_scales(ata, atb, ridge, clamp)
@@ -326,11 +272,11 @@ def _dense_targets(model: nn.Module, masks: Masks, blocks: list, batches: list) 
     batch_ref: dict = {}
 
     def watch(key, module):
-        bias = _bias(module)
+        bias = bias_of(module)
 
         def hook(_m, _args, output):
             y = (output[0] if isinstance(output, tuple) else output).detach()
-            current[key] = _tokens(y - bias if bias is not None else y, batch_ref["b"])
+            current[key] = token_rows(y - bias if bias is not None else y, batch_ref["b"])
 
         return module.register_forward_hook(hook)
 
@@ -349,46 +295,6 @@ def _dense_targets(model: nn.Module, masks: Masks, blocks: list, batches: list) 
         for h in handles:
             h.remove()
     return out
-
-
-def _recovery_batches(model: nn.Module, batches, max_examples: int | None) -> list:
-    """The calibration batches on the model's device, cut to the first ``max_examples``; never empty."""
-    device = next(model.parameters()).device
-    out = _first_examples([to_device(b, device) for b in iterate(batches, "recovery data")], max_examples)
-    if not out:
-        raise ValueError("the calibration data is empty")
-    return out
-
-
-def _first_examples(batches: list, limit: int | None) -> list:
-    """The leading batches holding ``limit`` examples (the last one cut), or all of them."""
-    if limit is None:
-        return batches
-    out, seen = [], 0
-    for batch in batches:
-        size = next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-        take = min(size, limit - seen)
-        if take <= 0:
-            break
-        out.append(batch if take == size else
-                   {k: v[:take] if isinstance(v, torch.Tensor) and v.shape[:1] == (size,) else v
-                    for k, v in batch.items()})
-        seen += take
-    return out
-
-
-def _merged_weight(module: nn.Module) -> torch.Tensor:
-    """(out, in) weight including an unmerged LoRA update, as the forward pass applies it (an adapter already
-    merged into the base weight is in it once)."""
-    w = _weight_out_in(module)
-    if _base_layer(module) is module or not getattr(module, "active_adapters", None):
-        return w
-    merged = set(getattr(module, "merged_adapters", None) or ())
-    for name in module.active_adapters:
-        if name in module.lora_A and name not in merged:
-            delta = module.lora_B[name].weight @ module.lora_A[name].weight
-            w = w + module.scaling[name] * delta.to(w.dtype)
-    return w
 
 
 def _set(masks: Masks, values, ones=None) -> None:
@@ -423,7 +329,7 @@ def mean_inputs(model: nn.Module, modules: dict, batches: list) -> dict:
 
     def watch(key, module):
         def pre_hook(_m, args, kwargs):
-            x = _tokens((args[0] if args else kwargs["input"]).detach(), batch_ref["b"]).double()
+            x = token_rows((args[0] if args else kwargs["input"]).detach(), batch_ref["b"]).double()
             sums[key] = sums.get(key, 0) + x.sum(0)
             counts[key] = counts.get(key, 0) + x.shape[0]
 
@@ -464,16 +370,16 @@ def compensate_biases(model: nn.Module, kept: dict, batches, max_examples: int |
     pruned = [(key, module, width) for key, module, width in tunable_blocks(model)
               if key in kept and len(kept[key]) < in_features(module) // width]
     flags = bias_flags_needed(model, [(key, module) for key, module, _ in pruned])
-    batches = _recovery_batches(model, batches, max_examples)
+    batches = device_batches(model, iterate(batches, "recovery data"), max_examples)
     means = mean_inputs(model, {key: module for key, module, _ in pruned}, batches)
-    deltas = {key: compensation(_merged_weight(module), means[key], kept[key], width)
+    deltas = {key: compensation(merged_weight(module), means[key], kept[key], width)
               for key, module, width in pruned}
     for block, flag in flags.items():  # all checks and passes done: only now change the model
         _add_zero_biases(model, block)
         setattr(model.config, flag, True)
     with torch.no_grad():
         for key, module, _ in pruned:
-            bias = _base_layer(module).bias
+            bias = base_layer(module).bias
             bias.add_(deltas[key].to(bias.device, bias.dtype))
     return {key: d.float().cpu() for key, d in deltas.items()}
 
@@ -491,7 +397,7 @@ def bias_flags_needed(model: nn.Module, blocks: list | None = None) -> dict:
         if any(True for _ in getattr(module, "lora_magnitude_vector", {})):
             raise ValueError(f"bias compensation does not support the DoRA layer of block {key}; "
                              "merge_and_unload() the adapter first, or use bias_compensation=False")
-        if _bias(module) is None:
+        if bias_of(module) is None:
             flag = adapter.bias_flag(model.config, key[2])
             if flag is None:
                 raise ValueError(
@@ -504,19 +410,12 @@ def bias_flags_needed(model: nn.Module, blocks: list | None = None) -> dict:
 
 def _add_zero_biases(model: nn.Module, block: str) -> None:
     """A zero bias on every projection of the attention or FFN blocks named ``block`` that has none."""
-    spec = get_adapter(model).arch_spec(model.config)
-    for stack in spec.stacks.values():
-        paths = []
-        if block in stack.attention:
-            a = stack.attention[block]
-            paths = [a.q, a.k, a.v, a.o]
-        elif block in stack.ffn:
-            f = stack.ffn[block]
-            paths = [*f.up, f.down]
-        for layer in get_module(model.base_model, stack.layers):
-            for path in paths:
-                base = _base_layer(get_module(layer, path))
-                if base.bias is None:
-                    base.bias = nn.Parameter(torch.zeros(out_features(base), dtype=base.weight.dtype,
-                                                         device=base.weight.device),
-                                             requires_grad=base.weight.requires_grad)
+    for b in iter_blocks(model):
+        if b.key.name != block:
+            continue
+        for projection in b.projections():
+            base = base_layer(projection)
+            if base.bias is None:
+                base.bias = nn.Parameter(torch.zeros(out_features(base), dtype=base.weight.dtype,
+                                                     device=base.weight.device),
+                                         requires_grad=base.weight.requires_grad)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..apply import unwrap
-from ..arch import get_adapter
-from ..structure import attention_dims, get_module, in_features
+from ..blocks import iter_blocks
+from ..calibration import token_rows
 from .base import (
     Importance,
     iterate,
@@ -23,20 +23,12 @@ from .base import (
 def watch_output_projections(model, make_hook) -> list:
     """A forward pre-hook ``make_hook(block key, units, module)(module, args)`` on the output projection of every
     attention block (units: heads) and FFN (units: neurons) that still has units; returns the handles."""
-    spec = get_adapter(model).arch_spec(model.config)
     handles = []
-    for key, stack in spec.stacks.items():
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            for name, attn in stack.attention.items():
-                heads = attention_dims(layer, attn)[0]
-                if heads:
-                    module = get_module(layer, attn.o)
-                    handles.append(module.register_forward_pre_hook(make_hook((key, i, name), heads, module)))
-            for name, ffn in stack.ffn.items():
-                down = get_module(layer, ffn.down)
-                if in_features(down):  # an emptied FFN has nothing to watch
-                    handles.append(down.register_forward_pre_hook(make_hook((key, i, name), in_features(down),
-                                                                            down)))
+    for block in iter_blocks(model):
+        units = block.units
+        if units:  # an emptied block has nothing to watch
+            module = block.output_projection()
+            handles.append(module.register_forward_pre_hook(make_hook(block.key, units, module)))
     return handles
 
 
@@ -54,15 +46,6 @@ def watched_pass(model, batches, make_hook, what: str, current: dict | None = No
     finally:
         for h in handles:
             h.remove()
-
-
-def token_rows(x: torch.Tensor, batch: dict) -> torch.Tensor:
-    """``x`` (batch, seq, features) as (tokens, features) rows, without the padding positions of ``batch``'s
-    attention mask (when the mask matches ``x``'s leading shape; other inputs keep every row)."""
-    mask = batch.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-        x = x[mask.to(x.device).bool()]  # a model split over devices: the mask stays on the first
-    return x.reshape(-1, x.shape[-1])
 
 
 @register_importance

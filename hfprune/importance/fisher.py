@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..apply import unwrap
+from ..blocks import iter_blocks
 from ..masking import Masks
 from .base import (
     Importance,
@@ -98,15 +99,12 @@ def _batched_gradients(model, batch: dict, size: int, masks: Masks) -> dict | No
     (cross-entropy against the labels, or against the model's own predictions without labels), and activations
     whose first dimension is the batch.
     """
-    from ..structure import get_module
-
     labels = batch.get("labels")
     if labels is not None and (labels.shape != (size,) or labels.is_floating_point()):
         return None
     if getattr(model.config, "problem_type", None) not in (None, "single_label_classification"):
         return None
-    spec = masks.spec
-    if any(a.gate_query or a.draws_rng for st in spec.stacks.values() for a in st.attention.values()):
+    if any(b.spec.gate_query or b.spec.draws_rng for b in iter_blocks(model, masks.spec, kind="heads")):
         return None
     leaves, handles, ok = {}, [], [True]
 
@@ -123,18 +121,10 @@ def _batched_gradients(model, batch: dict, size: int, masks: Masks) -> dict | No
 
         handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
 
-    from ..structure import attention_dims
-
-    for key, stack in spec.stacks.items():
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            for name, attn in stack.attention.items():
-                heads, _, hd = attention_dims(layer, attn)
-                if heads:
-                    gate(get_module(layer, attn.o), (key, i, name), heads, hd)
-            for name, ffn in stack.ffn.items():
-                n = len(masks.gates[(key, i, name)])
-                if n:
-                    gate(get_module(layer, ffn.down), (key, i, name), n, 1)
+    for block in iter_blocks(model, masks.spec):
+        n = len(masks.gates[block.key])
+        if n:
+            gate(block.output_projection(), block.key, n, block.width)
     masks.remove()  # the shared gates would only scale by one here; the per-example leaves stand in for them
     try:
         inputs = {k: v for k, v in batch.items() if k != "labels"}

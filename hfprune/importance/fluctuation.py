@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 
 from ..apply import unwrap
+from ..blocks import merged_weight
+from ..calibration import token_rows
 from ..structure import in_features
-from .activation import token_rows, watched_pass
+from .activation import watched_pass
 from .base import (
     Importance,
     reduce_across_processes,
@@ -32,9 +34,7 @@ def fluctuation(total: torch.Tensor, squares: torch.Tensor, count: float, column
 def _column_norms(module) -> torch.Tensor:
     """``|W[:, d]|^2`` for every input feature ``d`` of a Linear, Conv1D or LoRA-wrapped projection (with an
     unmerged LoRA update included, as the forward pass applies it)."""
-    from ..recovery import _merged_weight  # here, not at import time: recovery imports this package
-
-    return _merged_weight(module).double().pow(2).sum(0)
+    return merged_weight(module).double().pow(2).sum(0)
 
 
 @register_importance

@@ -11,15 +11,8 @@ import torch
 from torch import nn
 
 from ..apply import unwrap
-from ..arch import get_adapter
-from ..structure import _base_layer, _is_conv1d, attention_dims, get_module
+from ..blocks import iter_blocks, weight_out_in
 from .base import Importance, register_importance
-
-
-def weight_rows(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in), whatever its storage (Linear, Conv1D, LoRA-wrapped)."""
-    base = _base_layer(module)
-    return base.weight.T if _is_conv1d(base) else base.weight
 
 
 def per_head(rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -32,33 +25,29 @@ def head_and_neuron_terms(model: nn.Module, fn) -> dict:
 
     ``fn`` maps a module to an (out, in) tensor of per-weight terms (e.g. ``w**2`` or ``|w * grad|``).
     """
-    model = unwrap(model)
-    spec = get_adapter(model).arch_spec(model.config)
     scores = {}
-    for key, stack in spec.stacks.items():
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            for name, attn in stack.attention.items():
-                heads, kv_heads, head_dim = attention_dims(layer, attn)
-                if heads == 0:
-                    scores[(key, i, name)] = torch.zeros(0)
-                    continue
-                o = fn(get_module(layer, attn.o))  # (out, heads * hd)
-                s = per_head(o.sum(0), heads)
-                if attn.fused_qkv:
-                    qkv = fn(get_module(layer, attn.q)).sum(1).reshape(3, heads, head_dim).sum(2)  # (3, heads)
-                    s = s + qkv.sum(0)
-                else:
-                    s = s + per_head(fn(get_module(layer, attn.q)).sum(1), heads)
-                    group = heads // kv_heads
-                    kv = per_head(fn(get_module(layer, attn.k)).sum(1), kv_heads)
-                    kv = kv + per_head(fn(get_module(layer, attn.v)).sum(1), kv_heads)
-                    s = s + (kv / group).repeat_interleave(group)
-                scores[(key, i, name)] = s.detach().float()
-            for name, ffn in stack.ffn.items():
-                s = fn(get_module(layer, ffn.down)).sum(0)
-                for path in ffn.up:
-                    s = s + fn(get_module(layer, path)).sum(1)
-                scores[(key, i, name)] = s.detach().float()
+    for block in iter_blocks(unwrap(model)):
+        if not block.is_attention:
+            s = fn(block.output_projection()).sum(0)
+            for up in block.input_projections():
+                s = s + fn(up).sum(1)
+            scores[block.key] = s.detach().float()
+            continue
+        heads, kv_heads, head_dim = block.dims()
+        if heads == 0:
+            scores[block.key] = torch.zeros(0)
+            continue
+        s = per_head(fn(block.output_projection()).sum(0), heads)  # (out, heads * hd) -> (heads,)
+        if block.spec.fused_qkv:
+            qkv = fn(block.input_projections()[0]).sum(1).reshape(3, heads, head_dim).sum(2)  # (3, heads)
+            s = s + qkv.sum(0)
+        else:
+            q, k, v = block.input_projections()
+            s = s + per_head(fn(q).sum(1), heads)
+            group = heads // kv_heads
+            kv = per_head(fn(k).sum(1), kv_heads) + per_head(fn(v).sum(1), kv_heads)
+            s = s + (kv / group).repeat_interleave(group)
+        scores[block.key] = s.detach().float()
     return scores
 
 
@@ -69,4 +58,4 @@ class MagnitudeImportance(Importance):
 
     def score(self, model, batches=None) -> dict:
         with torch.no_grad():
-            return head_and_neuron_terms(model, lambda m: weight_rows(m).float().pow(2))
+            return head_and_neuron_terms(model, lambda m: weight_out_in(m).float().pow(2))
