@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..apply import unwrap
+from ..blocks import base_layer, is_conv1d, weight_out_in
 from .base import (
     Importance,
     calibration_loss,
@@ -15,7 +16,7 @@ from .base import (
     require_data,
     to_device,
 )
-from .magnitude import head_and_neuron_terms, weight_rows
+from .magnitude import head_and_neuron_terms
 
 
 @register_importance
@@ -49,10 +50,10 @@ class TaylorImportance(Importance):
 
 
 def _abs_w_grad(module) -> torch.Tensor:
-    w = weight_rows(module)
-    base = getattr(module, "base_layer", module)
-    grad = base.weight.grad
+    w = weight_out_in(module)
+    grad = base_layer(module).weight.grad
     if grad is None:
         return torch.zeros_like(w, dtype=torch.float32)
-    grad = grad.T if grad.shape != w.shape else grad
+    # the gradient has the stored layout: Conv1D stores (in, out), and a square one cannot be told apart by shape
+    grad = grad.T if is_conv1d(base_layer(module)) else grad
     return (w * grad).float().abs()
