@@ -11,27 +11,30 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING
 
+from . import _moved
 from .version import __version__
+
+_moved.install()  # the import paths of hfprune <= 0.1 (hfprune.apply, hfprune.modeling.save, ...) keep working
 
 # public name -> module that defines it (relative to this package)
 _EXPORTS = {
-    "AutoPrunedModel": ".modeling.load",
+    "AutoPrunedModel": ".core.checkpoint.load",
     "DistillationConfig": ".distill",
     "DistillationTrainer": ".distill",
-    "LayerPlan": ".plan",
-    "PlanError": ".plan",
-    "PrunePlan": ".plan",
-    "PruneResult": ".oneshot",
-    "PruningCallback": ".callback",
-    "PruningConfig": ".config",
-    "ScheduleConfig": ".schedule",
-    "apply_plan": ".apply",
-    "from_pretrained": ".modeling.load",
-    "get_adapter": ".arch",
-    "model_dims": ".apply",
-    "prune": ".oneshot",
-    "supported_importance": ".importance",
-    "supported_model_types": ".arch",
+    "LayerPlan": ".core.plan",
+    "PlanError": ".core.plan",
+    "PrunePlan": ".core.plan",
+    "PruneResult": ".pruning.oneshot",
+    "PruningCallback": ".pruning.callback",
+    "PruningConfig": ".pruning.config",
+    "ScheduleConfig": ".pruning.schedule",
+    "apply_plan": ".core.apply",
+    "from_pretrained": ".core.checkpoint.load",
+    "get_adapter": ".core.arch",
+    "model_dims": ".core.apply",
+    "prune": ".pruning.oneshot",
+    "supported_importance": ".pruning.importance",
+    "supported_model_types": ".core.arch",
 }
 
 __all__ = [
@@ -73,13 +76,13 @@ def __dir__() -> list:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from .apply import apply_plan, model_dims
-    from .arch import get_adapter, supported_model_types
-    from .callback import PruningCallback
-    from .config import PruningConfig
+    from .core.apply import apply_plan, model_dims
+    from .core.arch import get_adapter, supported_model_types
+    from .core.checkpoint.load import AutoPrunedModel, from_pretrained
+    from .core.plan import LayerPlan, PlanError, PrunePlan
     from .distill import DistillationConfig, DistillationTrainer
-    from .importance import supported_importance
-    from .modeling.load import AutoPrunedModel, from_pretrained
-    from .oneshot import PruneResult, prune
-    from .plan import LayerPlan, PlanError, PrunePlan
-    from .schedule import ScheduleConfig
+    from .pruning.callback import PruningCallback
+    from .pruning.config import PruningConfig
+    from .pruning.importance import supported_importance
+    from .pruning.oneshot import PruneResult, prune
+    from .pruning.schedule import ScheduleConfig

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .apply import unwrap
-from .importance.base import iterate, to_device
+from .core.apply import unwrap
+from .pruning.importance.base import iterate, to_device
 
 IGNORE_INDEX = -100
 

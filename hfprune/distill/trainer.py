@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer
 from transformers.utils import logging
 
-from ..apply import unwrap
+from ..core.apply import unwrap
 from .config import DistillationConfig
 from .losses import (
     combine_losses,

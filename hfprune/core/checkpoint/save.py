@@ -1,0 +1,164 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Saving of pruned models, with generated self-contained modeling code where it is needed. Saves go through
+``transaction``: the files already in the target folder stay.
+
+A plan the vanilla config can express saves as a plain checkpoint. Any other plan saves with
+``modeling_hfprune.py`` (the structure engine plus one subclass per auto class) and an ``auto_map``, so
+``AutoModelForX.from_pretrained(dir, trust_remote_code=True)`` rebuilds it without hfprune installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import transformers
+from torch import nn
+
+from ...version import __version__
+from .. import structure
+from .classes import HfprunedModel, original_class
+from .transaction import Transaction
+
+MODELING_FILE = "modeling_hfprune.py"
+PLAN_FILE = "prune_plan.json"
+
+
+def save_pruned(model: nn.Module, save_directory, *args, **kwargs) -> None:
+    """Save like ``save_pretrained``, through a :class:`~hfprune.modeling.transaction.Transaction`: the folder's
+    other files stay, a failure leaves the previous checkpoint as it was, a kill is recovered by the next save."""
+    options = inspect.signature(original_class(model).save_pretrained).bind_partial(
+        model, save_directory, *args, **kwargs).arguments
+    if options.get("push_to_hub"):
+        raise ValueError(
+            "save_pretrained(push_to_hub=True) is not supported for pruned models; save, then push the folder"
+        )
+    # Built (and the path checked) on every process, so a bad path fails on all ranks rather than hanging the others.
+    txn = Transaction(save_directory, weights=weight_names(model, options.get("variant")))
+    if not options.get("is_main_process", True):
+        return  # only the main process writes; the others have nothing to add
+    with txn:
+        stage_checkpoint(model, txn, *args, **kwargs)
+
+
+def stage_checkpoint(model: nn.Module, txn: Transaction, *args, **kwargs) -> None:
+    """Write ``model``'s checkpoint into the staging folder of the open transaction ``txn`` and declare the files of
+    an earlier save it supersedes. A model hfprune did not prune saves as transformers saves it."""
+    staging = txn.staging
+    if not isinstance(model, HfprunedModel):
+        model.save_pretrained(staging, *args, **kwargs)
+        return
+    base = original_class(model)
+    base.save_pretrained(model, staging, *args, **kwargs)
+    _finish(model, base, staging)
+    txn.superseded += superseded_code(txn.target, staging)
+
+
+def weight_names(model: nn.Module, variant: str | None = None) -> tuple:
+    """``(single file, index)`` names ``save_pretrained`` gives ``model``'s weights, as transformers 5 names them."""
+    adapters = getattr(model, "_hf_peft_config_loaded", False)
+    return (_add_variant("adapter_model.safetensors" if adapters else "model.safetensors", variant),
+            _add_variant("model.safetensors.index.json", variant))
+
+
+def _add_variant(name: str, variant: str | None) -> str:
+    # transformers.modeling_utils._add_variant, which is private: the variant goes before the last extension.
+    if variant is None:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def superseded_code(target: Path, staging: Path) -> list:
+    """``[MODELING_FILE]`` when the checkpoint in ``target`` was an hfprune save with remote code (its config's
+    ``auto_map`` names our modeling file) and the new one in ``staging`` has none; stale code beside a plain
+    checkpoint would be pushed and read as part of it."""
+    if (staging / MODELING_FILE).exists() or not (target / MODELING_FILE).is_file():
+        return []
+    try:
+        auto_map = json.loads((target / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    ours = f"{MODELING_FILE[:-3]}."
+    refs = [v for value in auto_map.values() for v in (value if isinstance(value, list) else [value])]
+    return [MODELING_FILE] if any(isinstance(v, str) and v.startswith(ours) for v in refs) else []
+
+
+def _finish(model: nn.Module, base: type, directory: Path) -> None:
+    config_path = directory / "config.json"
+    config = json.loads(config_path.read_text())
+    config["architectures"] = [base.__name__]
+    if model.hfprune_heterogeneous:
+        from ..plan import PrunePlan
+
+        record = config.get(structure.HFPRUNE_CONFIG_KEY) or {}
+        # The record is what the weights are rebuilt with; prune_plan.json must say the same (the loader refuses
+        # a checkpoint where they differ), and it gains the dense sizes a record from an older hfprune lacks.
+        if PrunePlan.from_dict(record.get("plan") or {"layers": []}).stacks() != model.hfprune_plan.stacks():
+            raise ValueError("the model's hfprune_plan and its config's hfprune record disagree; re-apply the plan "
+                             "with hfprune.apply_plan before saving")
+        record["plan"] = model.hfprune_plan.to_dict()
+        config["auto_map"] = write_modeling_file(model, base, directory)
+    else:
+        config.pop(structure.HFPRUNE_CONFIG_KEY, None)
+        # a model loaded from a heterogeneous checkpoint's code and pruned to a plain one: no code to point at
+        auto_map = {k: v for k, v in (config.get("auto_map") or {}).items() if MODELING_FILE[:-3] not in str(v)}
+        if auto_map:
+            config["auto_map"] = auto_map
+        else:
+            config.pop("auto_map", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    plan = {"hfprune_version": __version__, "model_type": config.get("model_type"), **model.hfprune_plan.to_dict()}
+    (directory / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n")
+
+
+def write_modeling_file(model: nn.Module, base: type, directory: Path) -> dict:
+    """Write ``modeling_hfprune.py`` and return the ``auto_map`` that points at its classes."""
+    classes = {base.__name__: base}
+    base_model_cls = type(model.base_model) if model.base_model is not model else None
+    if base_model_cls is not None:
+        classes[base_model_cls.__name__] = original_class(model.base_model)
+    lines = [
+        inspect.getsource(structure).rstrip(),
+        "",
+        "",
+        f"# ---- Generated by hfprune {__version__}: the classes this checkpoint's auto_map names. ----",
+        "import transformers as _transformers  # noqa: E402",
+        "",
+    ]
+    auto_map = {}
+    for name in classes:
+        if not hasattr(transformers, name):
+            raise ValueError(f"cannot write remote code for {name}: transformers exports no such class")
+        lines += ["", f"class Pruned{name}(PrunedModelMixin, _transformers.{name}):", "    pass", ""]
+        for auto_name in auto_classes_for(model.config.model_type, name) or fallback_auto_classes(name):
+            auto_map.setdefault(auto_name, f"{MODELING_FILE[:-3]}.Pruned{name}")
+    if not auto_map:
+        raise ValueError(f"no transformers auto class maps model_type {model.config.model_type!r} to {base.__name__}")
+    (directory / MODELING_FILE).write_text("\n".join(lines).rstrip() + "\n")
+    return auto_map
+
+
+# For head classes transformers maps to no auto class (the time-series forecasters but TimesFM): the auto class
+# whose task they perform. With ``trust_remote_code`` an auto class loads whatever its ``auto_map`` entry names.
+FALLBACK_AUTO_CLASSES = {"ForPrediction": "AutoModelForTimeSeriesPrediction"}
+
+
+def fallback_auto_classes(class_name: str) -> list:
+    """The auto class a head class unknown to transformers' auto mappings is saved under, by its task suffix."""
+    return [auto for suffix, auto in FALLBACK_AUTO_CLASSES.items()
+            if class_name.endswith(suffix) and hasattr(transformers, auto)]
+
+
+def auto_classes_for(model_type: str, class_name: str) -> list:
+    """Names of the ``AutoModel*`` classes that map ``model_type`` to ``class_name``."""
+    found = []
+    for auto_name in dir(transformers):
+        if not auto_name.startswith("AutoModel"):
+            continue
+        mapping = getattr(getattr(transformers, auto_name), "_model_mapping", None)
+        names = getattr(mapping, "_model_mapping", {}).get(model_type)
+        if names == class_name or (isinstance(names, (list, tuple)) and class_name in names):
+            found.append(auto_name)
+    return sorted(found)

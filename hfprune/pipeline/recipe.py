@@ -1,0 +1,505 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Recipes: one YAML file per workflow (model, data, pruning, distillation, training, evaluation, output, hub).
+
+Strict on input: an unknown key or a value of the wrong type is an error that names the key and lists the
+allowed ones. Sections that configure a library object are checked against that object's own dataclass fields
+(``pruning`` -> :class:`~hfprune.PruningConfig`, ``schedule`` -> ``ScheduleConfig``, ``distillation`` ->
+``DistillationConfig``, ``training`` -> ``transformers.TrainingArguments``), so a recipe can never drift from
+the code. Command-line overrides use dotted keys: ``--pruning.macs_ratio=0.5 --hub.push=true``.
+
+Example:
+
+```python
+>>> from hfprune.recipe import load_recipe
+>>> recipe = load_recipe(None, ["--pruning.macs_ratio=0.5"])  # the embedded default recipe
+>>> recipe.pruning.macs_ratio, recipe.method
+(0.5, 'oneshot')
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import enum
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+TASKS = ("text-classification", "causal-lm", "forecasting")
+METHODS = ("oneshot", "gradual")
+BUILTIN_LOADERS = ("movie_reviews", "files", "none")
+FILE_FORMATS = ("csv", "json", "parquet", "text")
+# package.module:function, as importlib and getattr take it
+CALLABLE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+REPO_ID = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
+BUILTIN_TEACHERS = ("movie_review",)
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) that cannot run; the message names the key and what is allowed."""
+
+
+# ---- Sections hfprune defines itself -------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSpec:
+    path: str = field(default="asset:minilm", metadata={
+        "help": "a local directory, or an offline asset: asset:minilm, asset:movie-review-teacher"})
+    task: str = field(default="text-classification", metadata={"help": f"one of {TASKS}"})
+    num_labels: int | None = field(default=None, metadata={"help": "classification labels (a new head if set)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "to start from an hfprune-pruned checkpoint"})
+    base_model: str | None = field(default=None, metadata={
+        "help": "Hub id of the dense model, for the model card's base_model (e.g. sentence-transformers/...)"})
+
+    def __post_init__(self):
+        if not self.path.strip():
+            raise ValueError("path='' is empty; give a directory, asset:minilm or package.module:function")
+        if self.num_labels is not None and self.num_labels < 1:
+            raise ValueError(f"num_labels={self.num_labels} must be >= 1 (1: regression) or null")
+
+
+@dataclass
+class DataSpec:
+    loader: str = field(default="movie_reviews", metadata={
+        "help": "movie_reviews (hfprune.data.movie_reviews), files (datasets.load_dataset on local files), "
+                "'package.module:function' returning a DatasetDict (called with `seed` and `kwargs`), or none "
+                "(no data: data-free criteria only, no evaluation)"})
+    format: str | None = field(default=None, metadata={"help": "with loader=files: csv, json, parquet, text"})
+    files: dict | None = field(default=None, metadata={"help": "with loader=files: split name -> path(s)"})
+    kwargs: dict = field(default_factory=dict, metadata={"help": "extra keyword arguments for the loader"})
+    seed: int = field(default=0, metadata={"help": "seed of the split (the built-in loaders split with it)"})
+    text_column: str = field(default="text", metadata={"help": "column tokenised for text tasks"})
+    label_column: str = field(default="label", metadata={"help": "label column for classification"})
+    max_length: int = field(default=128, metadata={"help": "tokeniser truncation length"})
+    train_split: str = field(default="train", metadata={"help": "split used for calibration and training"})
+    validation_split: str | None = field(default="validation", metadata={"help": "split evaluated during training"})
+    eval_split: str = field(default="test", metadata={"help": "split reported before/after pruning"})
+    calibration_samples: int = field(default=256, metadata={"help": "training examples that score importance"})
+    calibration_batch_size: int = field(default=32, metadata={"help": "batch size of the calibration pass"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluated examples (None: all)"})
+
+    def __post_init__(self):
+        if self.loader == "files" and (not self.files or not self.format):
+            raise ValueError("loader: files needs `format` (csv, json, parquet, text) and `files` (split -> path)")
+        if self.loader not in BUILTIN_LOADERS and not CALLABLE_PATH.match(self.loader):
+            raise ValueError(f"loader={self.loader!r}; use one of {BUILTIN_LOADERS} or 'package.module:function'")
+        if self.format is not None and self.format not in FILE_FORMATS:
+            raise ValueError(f"format={self.format!r}; choose one of {FILE_FORMATS}")
+        for split, paths in (self.files or {}).items():
+            if not (isinstance(paths, str) and paths or isinstance(paths, list) and paths
+                    and all(isinstance(x, str) and x for x in paths)):
+                raise ValueError(f"files[{split!r}]={paths!r}: give a path or a list of paths")
+        for name in ("max_length", "calibration_samples", "calibration_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_eval_samples is not None and self.max_eval_samples < 1:
+            raise ValueError(f"max_eval_samples={self.max_eval_samples} must be >= 1 or null (all)")
+        for name in ("text_column", "label_column", "train_split", "eval_split"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name}='' is empty; give a column or split name")
+
+
+@dataclass
+class FinetuneSpec:
+    teacher: str | None = field(default=None, metadata={
+        "help": f"a cached built-in fine-tuned model, one of {BUILTIN_TEACHERS} (hfprune.data.teachers)"})
+    training: dict | None = field(default=None, metadata={
+        "help": "TrainingArguments for fine-tuning the dense model first; the result is cached by its settings"})
+
+    def __post_init__(self):
+        if (self.teacher is None) == (self.training is None):
+            raise ValueError("give exactly one of `teacher` (a cached built-in) or `training` (fine-tune here)")
+        if self.teacher is not None and self.teacher not in BUILTIN_TEACHERS:
+            raise ValueError(f"teacher={self.teacher!r}; built-in teachers: {BUILTIN_TEACHERS}")
+
+
+@dataclass
+class EvalSpec:
+    metrics: list = field(default_factory=lambda: ["accuracy"], metadata={
+        "help": "metric names: hfprune's local ones (accuracy, f1, mse, mae, mase, perplexity) or Hub names"})
+    batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
+    latency: bool = field(default=True, metadata={"help": "measure dense and pruned latency"})
+    latency_batch_size: int = field(default=32, metadata={"help": "batch size of the latency input"})
+    latency_seq_len: int = field(default=128, metadata={"help": "tokens per row of the latency input"})
+    latency_rounds: int = field(default=7, metadata={"help": "timed rounds (dense and pruned alternate)"})
+    periodicity: int = field(default=1, metadata={"help": "seasonal lag of the mase metric (forecasting)"})
+
+    def __post_init__(self):
+        for name in ("batch_size", "latency_batch_size", "latency_seq_len", "latency_rounds", "periodicity"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        bad = [m for m in self.metrics if not isinstance(m, str) or not m.strip()]
+        if bad:
+            raise ValueError(f"metrics={self.metrics!r}: {bad[0]!r} is not a metric name (accuracy, f1, mse, ...)")
+
+
+@dataclass
+class OutputSpec:
+    dir: str | None = field(default=None, metadata={"help": "checkpoint directory (default outputs/<name>)"})
+    plots: bool = field(default=True, metadata={"help": "draw PNG plots into <dir>/plots"})
+    card: bool = field(default=True, metadata={"help": "write a model card (README.md) into <dir>"})
+
+    def __post_init__(self):
+        if self.dir is not None and not self.dir.strip():
+            raise ValueError("dir='' would write into the current directory; give a folder, or null for "
+                             "outputs/<name>")
+
+
+@dataclass
+class HubSpec:
+    repo_id: str | None = field(default=None, metadata={"help": "user/name on the Hub"})
+    push: bool = field(default=False, metadata={"help": "push the checkpoint after the run"})
+    private: bool | None = field(default=None, metadata={"help": "create the repo private (None: Hub default)"})
+    revision: str | None = field(default=None, metadata={"help": "branch to push to (created if missing)"})
+    create_pr: bool = field(default=False, metadata={"help": "open a pull request instead of committing"})
+
+    def __post_init__(self):
+        if self.push and not self.repo_id:
+            raise ValueError("push: true needs repo_id (user/name)")
+        if self.repo_id is not None and (not REPO_ID.match(self.repo_id) or ".." in self.repo_id
+                                         or "--" in self.repo_id or len(self.repo_id) > 96):
+            raise ValueError(f"repo_id={self.repo_id!r} is not a Hub repo id like user/name")
+
+
+# ---- The recipe ----------------------------------------------------------------------------------------------
+
+
+def _pruning_cls():
+    from ..pruning.config import PruningConfig
+
+    return PruningConfig
+
+
+def _schedule_cls():
+    from ..pruning.schedule import ScheduleConfig
+
+    return ScheduleConfig
+
+
+def _distillation_cls():
+    try:
+        from ..distill import DistillationConfig
+    except ImportError:
+        from ..pruning.config import DistillationConfig
+    return DistillationConfig
+
+
+def _training_cls():
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+# name -> (class provider, build the object at validation time?). TrainingArguments is only type-checked here
+# (it is built at run time, with the output directory); every other section is built, running its checks.
+SECTIONS = {
+    "model": (lambda: ModelSpec, True),
+    "data": (lambda: DataSpec, True),
+    "finetune": (lambda: FinetuneSpec, True),
+    "pruning": (_pruning_cls, True),
+    "schedule": (_schedule_cls, True),
+    "distillation": (_distillation_cls, True),
+    "training": (_training_cls, False),
+    "evaluation": (lambda: EvalSpec, True),
+    "output": (lambda: OutputSpec, True),
+    "hub": (lambda: HubSpec, True),
+}
+SCALARS = {"name": str, "description": str, "seed": int, "method": str}
+# TrainingArguments is only built at run time; these mistakes would otherwise surface after the model is loaded
+TRAINING_RANGES = {
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "num_train_epochs": (lambda v: v > 0, "> 0"),
+    "max_steps": (lambda v: v == -1 or v >= 1, "-1 (use num_train_epochs) or >= 1"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+}
+TOP_LEVEL = tuple(SCALARS) + tuple(SECTIONS)
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: ``raw`` is the resolved dict (defaults not filled in), the rest are built sections."""
+
+    raw: dict
+    name: str
+    method: str
+    seed: int
+    model: ModelSpec
+    data: DataSpec
+    pruning: typing.Any
+    evaluation: EvalSpec
+    output: OutputSpec
+    hub: HubSpec
+    finetune: FinetuneSpec | None = None
+    schedule: typing.Any = None
+    distillation: typing.Any = None
+    training: dict | None = None
+    source: str | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output.dir or Path("outputs") / self.name)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False)
+
+
+DEFAULT_RECIPE_YAML = """\
+# The default recipe (`hfprune run` with no arguments): retraining-free pruning of all-MiniLM-L6-v2 fine-tuned
+# on movie-review sentiment, to 60% of the transformer layers' MACs, scored with Fisher information.
+name: minilm-movie-oneshot
+description: MiniLM movie-review sentiment, one-shot Fisher pruning to 60% MACs
+method: oneshot
+seed: 0
+model:
+  path: asset:minilm
+  base_model: sentence-transformers/all-MiniLM-L6-v2
+  task: text-classification
+  num_labels: 2
+finetune:
+  teacher: movie_review
+data:
+  loader: movie_reviews
+  max_length: 64
+  calibration_samples: 256
+  eval_split: test
+pruning:
+  criterion: fisher
+  macs_ratio: 0.6
+  seq_len: 64
+evaluation:
+  metrics: [accuracy, f1]
+  latency_batch_size: 32
+  latency_seq_len: 64
+output:
+  dir: outputs/minilm-movie-oneshot
+"""
+
+
+def load_recipe(source: str | Path | dict | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
+    """Read (a path, a YAML string, a dict, or ``None`` for the default recipe), apply overrides, validate."""
+    label = "<default recipe>"
+    if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
+        raise RecipeError(f"overrides={overrides!r}: give a list of strings like ['--pruning.macs_ratio=0.5']")
+    if source is None:
+        raw = yaml.safe_load(DEFAULT_RECIPE_YAML)
+    elif isinstance(source, dict):
+        raw, label = copy.deepcopy(source), "<dict>"
+    elif not isinstance(source, (str, Path)):
+        raise RecipeError(f"recipe source {source!r}: give a path to a YAML file, a dict, or None (the default)")
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe {str(source)!r} " + ("is a directory; give its .yaml file" if path.is_dir()
+                                                            else "not found"))
+        label = str(path)
+        try:
+            raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{label}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{label}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for key, value in parse_overrides(overrides):
+        set_dotted(raw, key, value)
+    try:
+        recipe = validate(raw)
+    except RecipeError as err:
+        raise RecipeError(f"{label}: {err}") from None
+    recipe.source = None if source is None or isinstance(source, dict) else str(source)
+    return recipe
+
+
+def validate(raw: dict) -> Recipe:
+    """Check every key and type, build the sections, and check how they fit together."""
+    _reject_unknown("recipe", raw, TOP_LEVEL)
+    for key, kind in SCALARS.items():
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            raise RecipeError(f"{key}: expected {kind.__name__}, got {raw[key]!r}")
+    if "name" not in raw:
+        raise RecipeError("a recipe needs a `name` (it names the output directory)")
+    name = raw["name"]
+    if not name.strip() or name.strip() in (".", "..") or "/" in name or "\\" in name:
+        raise RecipeError(f"name={name!r}: the name is a directory name (outputs/<name>); give a non-empty one "
+                          "without slashes")
+    method = raw.get("method", "oneshot")
+    if method not in METHODS:
+        raise RecipeError(f"method={method!r}; choose one of {METHODS}")
+    if "pruning" not in raw:
+        raise RecipeError("a recipe needs a `pruning` section (PruningConfig fields)")
+    built = {name: _build_section(name, raw[name]) for name in SECTIONS if name in raw}
+    for name in ("model", "data", "evaluation", "output", "hub"):
+        built.setdefault(name, SECTIONS[name][0]()())
+    if method == "oneshot":
+        misplaced = [k for k in ("schedule", "distillation", "training") if k in raw]
+        if misplaced:
+            raise RecipeError(f"{misplaced} only apply to method: gradual (this recipe is oneshot)")
+    elif "training" not in raw:
+        raise RecipeError("method: gradual needs a `training` section (TrainingArguments fields)")
+    if built["model"].task not in TASKS:
+        raise RecipeError(f"model.task={built['model'].task!r}; choose one of {TASKS}")
+    if "finetune" in raw and raw["finetune"].get("training") is not None:
+        _build_section("finetune.training", raw["finetune"]["training"], _training_cls, build=False)
+    return Recipe(raw=raw, name=raw["name"], method=method, seed=raw.get("seed", 0), **built)
+
+
+def _build_section(name: str, value, provider=None, build: bool | None = None):
+    provider_, build_default = SECTIONS.get(name, (provider, False))
+    provider, build = provider or provider_, build_default if build is None else build
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{name}: expected a mapping of keys, got {value!r}")
+    try:
+        cls = provider()
+    except ImportError as err:
+        raise RecipeError(f"section `{name}` needs a part of hfprune that is not available here: {err}") from None
+    allowed = [f.name for f in dataclasses.fields(cls) if f.init]
+    _reject_unknown(name, value, allowed)
+    hints = typing.get_type_hints(cls)
+    for key, item in list(value.items()):
+        item = value[key] = _coerce_float(item, hints.get(key, typing.Any))
+        if not _matches(item, hints.get(key, typing.Any)):
+            raise RecipeError(f"{name}.{key}: expected {_type_name(hints[key])}, got {item!r}")
+    if name == "training" and "output_dir" in value:
+        raise RecipeError("training.output_dir: set output.dir instead (training runs write below it)")
+    if name.endswith("training"):
+        for key, (ok, allowed) in TRAINING_RANGES.items():
+            if key in value and isinstance(value[key], (int, float)) and not ok(value[key]):
+                raise RecipeError(f"{name}.{key}={value[key]!r} must be {allowed}")
+    if not build:
+        return dict(value)
+    try:
+        return cls(**value)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{name}: {err}") from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (YAML keeps the last one
+    silently, so the first value, often the one the author meant, would be ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):
+                continue  # the safe loader's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _reject_unknown(where: str, value: dict, allowed) -> None:
+    for key in value:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            shown = ", ".join(sorted(allowed)) if len(allowed) <= 30 else f"{len(allowed)} fields of the dataclass"
+            raise RecipeError(f"unknown key {where}.{key}{hint}; allowed: {shown}" if where != "recipe"
+                              else f"unknown key {key!r}{hint}; allowed: {shown}")
+
+
+def _matches(value, annotation) -> bool:
+    """Whether a YAML value fits a dataclass field's annotation (ints pass for floats; enums take their values)."""
+    if annotation is typing.Any or annotation is object:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if origin in (list, tuple, set, typing.Sequence):
+        args = typing.get_args(annotation)
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type):
+        if issubclass(annotation, enum.Enum):
+            return value in {m.value for m in annotation} or isinstance(value, annotation)
+        if annotation is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if annotation is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if annotation in (list, tuple):
+            return isinstance(value, list)
+        return isinstance(value, annotation)
+    return True  # an annotation we cannot check (callables, classes): the constructor will
+
+
+def _coerce_float(value, annotation):
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; where only a number fits, read it as the float it means."""
+    if isinstance(value, str) and _matches(1.0, annotation) and not _matches(value, annotation):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+# ---- Overrides ------------------------------------------------------------------------------------------------
+
+
+def parse_overrides(args: typing.Sequence[str]) -> list:
+    """``["--pruning.macs_ratio=0.5", "--hub.push", "true"]`` -> ``[("pruning.macs_ratio", 0.5), ...]``.
+
+    Values are read as YAML scalars/lists (``0.5`` is a float, ``true`` a bool, ``null`` None, ``[a, b]`` a list).
+    """
+    out, i = [], 0
+    args = list(args)
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise RecipeError(f"override {arg!r}: expected --section.key=value")
+        if "=" in arg:
+            key, text = arg[2:].split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            key, text = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise RecipeError(f"override {arg!r} has no value; write {arg}=VALUE")
+        try:
+            value = yaml.safe_load(text) if text != "" else None
+        except yaml.YAMLError:
+            value = text
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def set_dotted(raw: dict, key: str, value) -> None:
+    """Set ``raw["a"]["b"] = value`` for ``key="a.b"``, creating sections as needed."""
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise RecipeError(f"override key {key!r} is malformed")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"override {key!r}: {'.'.join(parts[:i + 1])} is {child!r}, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def recipe_files(root: str | Path = "recipes") -> list:
+    """Every recipe under ``root`` (``recipes/<model>/<task>/<variant>.yaml``), sorted."""
+    return sorted(p for p in Path(root).rglob("*.y*ml") if p.suffix in (".yaml", ".yml"))

@@ -1,0 +1,513 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""``PruningCallback``: prune while training with the stock ``transformers.Trainer``.
+
+During training nothing is sliced: heads and neurons are *masked* (``hfprune.masking.Masks`` gates on the
+input of each block's output projection), so the optimizer's state and DDP's buckets stay valid and every
+parameter keeps taking part in the graph (DDP needs no ``find_unused_parameters``). Masked weights get exactly
+zero gradient and are reset to zero after every optimizer step, so momentum and weight decay cannot move them.
+When training ends the model is sliced in place (``apply_plan``), and ``trainer.save_model()`` writes a pruned
+checkpoint that reloads with ``from_pretrained(dir, trust_remote_code=True)``.
+
+Scores come from the run itself: ``fisher`` / ``taylor`` from the gradients of the gates (squared / absolute,
+per optimizer step, averaged over ranks like DDP averages parameter gradients), ``activation`` from the inputs
+of the output projections, ``magnitude`` / ``random`` from the weights; or, with ``calibration``, from
+``hfprune.importance`` on that data at each pruning step. Scores accumulate between two pruning steps.
+
+Layers are never dropped during training (a dropped layer's parameters would get no gradient and DDP would
+need ``find_unused_parameters``); a layer may lose all its heads and neurons, which compaction turns into
+bias-only blocks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from ..core import cost
+from ..core.apply import apply_plan, as_model
+from ..core.arch import get_adapter
+from ..core.masking import Masks
+from ..core.plan import PlanError, PrunePlan
+from ..core.structure import attention_dims, base_layer, get_module, head_rows, is_conv1d
+from .config import PruningConfig, require_config
+from .importance import get_importance
+from .importance.activation import token_rows, watch_output_projections
+from .importance.base import calibration_batches, check_batches
+from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "hfprune_pruning_state.json"
+STATE_FORMAT = 1
+GATE_CRITERIA = ("fisher", "taylor")  # scored from gate gradients during training
+
+
+class PruningCallback(TrainerCallback):
+    """Prune a model during ``Trainer.train()`` on a schedule, then slice it when training ends.
+
+    Args:
+        config: what to prune and the final budget (:class:`~hfprune.PruningConfig`).
+        schedule: when (:class:`~hfprune.schedule.ScheduleConfig`); ``None``: gradual (cubic) over the first
+            two thirds of the run.
+        calibration: batches to score on at each pruning step (model-ready dicts); ``None``: score from training.
+
+    Logged with the Trainer's logs: ``prune/fraction`` (of the final removal), ``prune/macs_ratio`` and
+    ``prune/params_ratio`` (of the dense model), ``prune/heads``, ``prune/neurons`` (kept). Reporting
+    integrations (TensorBoard, W&B) run before user callbacks; :func:`put_first` moves this one ahead of them.
+
+    Example:
+
+    ```python
+    >>> from transformers import Trainer, TrainingArguments
+    >>> from hfprune import PruningConfig
+    >>> from hfprune.callback import PruningCallback
+    >>> from hfprune.schedule import ScheduleConfig
+    >>> callback = PruningCallback(PruningConfig(criterion="fisher", macs_ratio=0.5),
+    ...                            ScheduleConfig(kind="gradual", start_step=0, end_step=300, every=30))
+    >>> # Trainer(model, args, train_dataset=..., callbacks=[callback]).train(); trainer.save_model()
+    ```
+    """
+
+    # its prune/* metrics are added to the logs in on_log: trainers move it ahead of the reporting integrations
+    logs_metrics_first = True
+
+    def __init__(self, config: PruningConfig, schedule: ScheduleConfig | None = None,
+                 calibration: Iterable | None = None):
+        config = require_config(config)
+        calibration = check_batches(None, calibration)  # its type now; its keys when the model is known
+        if schedule is not None and not isinstance(schedule, ScheduleConfig):
+            raise TypeError(f"schedule must be a hfprune.schedule.ScheduleConfig or None, got "
+                            f"{type(schedule).__name__}")
+        if config.bias_compensation or config.resolved_recovery not in ("none", "rearrange"):
+            raise ValueError(
+                f"PruningCallback masks units during training, where the model itself recovers; "
+                f"bias_compensation={config.bias_compensation} and recovery={config.recovery!r} are one-shot "
+                "(hfprune.prune) options: use bias_compensation=False and recovery 'auto' or 'none'")
+        self.config = config
+        self.schedule = schedule if schedule is not None else ScheduleConfig(kind="gradual")
+        self.calibration = calibration
+        criterion = get_importance(config.criterion, **({"seed": config.seed} if config.criterion == "random" else {}))
+        if calibration is not None:
+            self.source = "calibration"
+        elif config.criterion in GATE_CRITERIA:
+            self.source = "gradients"
+        elif config.criterion == "activation":
+            self.source = "activations"
+        elif not criterion.needs_data:
+            self.source = "weights"
+        else:
+            raise ValueError(f"criterion {config.criterion!r} cannot score from training; pass calibration batches")
+        self.masks: Masks | None = None
+        self.model = None
+        self.plan: PrunePlan | None = None
+        self.events_done: list = []
+        self._scores: dict = {}
+        self._score_steps = 0
+        self._act_buffer: dict = {}
+        self._act_handles: list = []
+        self._zero_targets: list = []
+        self._resolved: ScheduleConfig | None = None
+        self._pending_state: dict | None = None
+        self._dense = None
+        self._latency = None
+        self._summary: dict = {}
+
+    # -- public helpers ------------------------------------------------------------------------
+
+    def load_state(self, checkpoint_dir) -> None:
+        """Resume from the pruning state in ``checkpoint_dir`` (found automatically when the checkpoint is in
+        the run's ``output_dir``)."""
+        path = os.path.join(checkpoint_dir, STATE_FILE)
+        with open(path, encoding="utf-8") as f:
+            self._pending_state = json.load(f)
+
+    def state_dict(self) -> dict:
+        """The JSON-able state that checkpoints carry: schedule position, plan, and accumulated scores."""
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_dict(),
+            "schedule": self._resolved.to_dict() if self._resolved else self.schedule.to_dict(),
+            "events_done": list(self.events_done),
+            "plan": self.masks.to_plan().to_dict() if self.masks is not None else None,
+            "score_steps": self._score_steps,
+            "scores": {_key_str(k): [float(x) for x in v.tolist()] for k, v in sorted(self._scores.items())},
+        }
+
+    # -- Trainer events ------------------------------------------------------------------------
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        target = as_model(model)
+        self.calibration = check_batches(target, self.calibration)
+        self.calibration = calibration_batches(self.calibration, self.config.calibration_batch_size)
+        self.model = target
+        self._resolved = self.schedule.resolve(state.max_steps)
+        steps = prune_steps(self._resolved)
+        if state.max_steps > 0 and steps[-1] > state.max_steps:
+            logger.warning(f"hfprune: the schedule's last pruning step ({steps[-1]}) is after max_steps "
+                           f"({state.max_steps}); the budget will not be reached")
+        self._dense = cost.estimate(target, seq_len=self.config.seq_len)
+        if getattr(self.config, "budget_kind", None) == "latency" and self._latency is None:
+            from .latency import measure
+
+            self._latency = measure(target, self.config.latency_batch_size, self.config.seq_len)
+        from .oneshot import check_budget
+
+        try:  # the final budget, before the first training step and checkpoint rather than at the first prune
+            check_budget(target, self.config, self._latency)
+        except PlanError as err:
+            raise PlanError(f"PruningCallback: the final budget cannot be reached on this model: {err}") from None
+        self.masks = Masks(target)
+        if state.global_step > 0 and self._pending_state is None:
+            self._pending_state = self._find_state(args, state)
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        else:
+            self.events_done, self._scores, self._score_steps = [], {}, 0
+        if self.source == "gradients":
+            for gate in self.masks.gates.values():
+                gate.requires_grad_(True)
+        self.masks.attach()
+        if self.source == "activations":
+            self._watch_activations()
+        due = [t for t in steps if t <= state.global_step and t not in self.events_done]
+        if due:  # pruning at step 0 (or steps missed before a resume without state)
+            if self.source in ("gradients", "activations"):
+                raise ValueError(f"the schedule prunes at step {due[-1]} before any training step, but criterion "
+                                 f"{self.config.criterion!r} scores from training; pass calibration batches, start "
+                                 "the schedule later, or use 'magnitude'")
+            self._prune(due[-1], extra_done=due[:-1])
+        self._refresh()
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.source != "gradients" or self.masks is None:
+            return control
+        gates = list(self.masks.gates.values())
+        grads = torch.cat([g.grad.detach().float().flatten() if g.grad is not None else torch.zeros_like(g).flatten()
+                           for g in gates])
+        for g in gates:
+            g.grad = None
+        scaler = getattr(optimizer, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # fp16: gate gradients carry the loss scale
+            grads = grads / scaler.get_scale()
+        grads = _mean_across_ranks(grads)
+        if not torch.isfinite(grads).all():
+            return control  # an overflowing fp16 step: the optimizer skips it, so do we
+        terms = grads.pow(2) if self.config.criterion == "fisher" else grads.abs()
+        self._accumulate(terms)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.masks is None:
+            return control
+        if self.source == "activations":
+            self._flush_activations()
+        self._zero_masked_weights()
+        step = state.global_step
+        if step in prune_steps(self._resolved) and step not in self.events_done:
+            self._prune(step)
+            self._refresh()
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.masks is None or logs is None or not any(k in logs for k in ("loss", "train_loss")):
+            return control
+        logs.update(self._summary)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self._summary)
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.masks is None or not state.is_world_process_zero:
+            return control
+        directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(directory):
+            _write_json(os.path.join(directory, STATE_FILE), self.state_dict())
+        return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.masks is None:
+            return control
+        plan = self.masks.to_plan()
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            path = os.path.join(state.best_model_checkpoint, STATE_FILE)
+            if os.path.isfile(path):  # the weights are the best checkpoint's: so must the plan be
+                with open(path, encoding="utf-8") as f:
+                    plan = PrunePlan.from_dict(json.load(f)["plan"])
+        self._unwatch_activations()
+        self.masks.remove()
+        for gate in self.masks.gates.values():
+            gate.requires_grad_(False)
+        self.plan = plan
+        apply_plan(model if model is not None else self.model, plan)
+        self.masks = None
+        return control
+
+    # -- pruning -------------------------------------------------------------------------------
+
+    def _prune(self, step: int, extra_done: Iterable = ()) -> None:
+        fraction = fraction_at(self._resolved, step)
+        self.events_done += [*extra_done, step]
+        if fraction <= 0:
+            return
+        scores = self._current_scores()
+        before = self.masks.to_plan()
+        for key, gate in self.masks.gates.items():  # removed stays removed: rank masked units last
+            scores[key] = torch.where(gate.detach().cpu() != 0, scores[key].float().cpu(), torch.zeros(()))
+        from .oneshot import plan_from_scores
+
+        cfg = budget_at(self.config, fraction)
+        kwargs = {"latency": self._latency} if self._latency is not None else {}
+        plan = _intersect(plan_from_scores(self.model, scores, cfg, **kwargs), before)
+        self.masks.set_plan(plan)
+        _broadcast_gates(self.masks)  # belt and braces: every rank applies rank 0's plan
+        self._scores, self._score_steps = {}, 0
+        self._build_zero_targets()
+        self._zero_masked_weights()
+        logger.info(f"hfprune: step {step}: pruned to {fraction:.3f} of the final removal")
+
+    def _current_scores(self) -> dict:
+        if self.source == "calibration":
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                criterion = get_importance(self.config.criterion,
+                                           **({"seed": self.config.seed} if self.config.criterion == "random" else {}))
+                return criterion.score(self.model, self.calibration)
+            finally:
+                self.model.train(was_training)
+        if self.source == "weights":
+            criterion = get_importance(self.config.criterion,
+                                       **({"seed": self.config.seed + len(self.events_done)}
+                                          if self.config.criterion == "random" else {}))
+            return criterion.score(self.model, None)
+        if self._score_steps == 0:
+            raise ValueError(f"no training step has been scored yet with {self.config.criterion!r}")
+        return {k: v.clone() for k, v in self._scores.items()}
+
+    def _accumulate(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for key, gate in self.masks.gates.items():
+            part = flat[offset:offset + gate.numel()].detach().cpu()
+            offset += gate.numel()
+            self._scores[key] = self._scores[key] + part if key in self._scores else part.clone()
+        self._score_steps += 1
+
+    # -- activations ---------------------------------------------------------------------------
+
+    def _watch_activations(self) -> None:
+        current = {}
+        signature = inspect.signature(self.model.forward)
+
+        def remember_batch(_m, args, kwargs):  # the attention mask tells the hooks below which rows are padding
+            try:
+                current["attention_mask"] = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
+            except TypeError:
+                current["attention_mask"] = kwargs.get("attention_mask")
+
+        def forget_batch(_m, _args, _output):  # a later forward that skips the top level sees no stale mask
+            current.clear()
+
+        def make_hook(key, groups, _module):
+            def hook(mod, args):
+                if not mod.training:
+                    return
+                x = token_rows(args[0].detach().float(), current)  # (tokens, groups * width), already gated
+                per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1).sum(0)  # (groups,)
+                self._act_buffer[key] = self._act_buffer.get(key, 0) + per
+
+            return hook
+
+        self._act_handles.append(self.model.register_forward_pre_hook(remember_batch, with_kwargs=True))
+        self._act_handles.append(self.model.register_forward_hook(forget_batch))
+        self._act_handles.extend(watch_output_projections(self.model, make_hook))
+
+    def _flush_activations(self) -> None:
+        if not self._act_buffer:
+            return
+        flat = torch.cat([self._act_buffer.get(k, torch.zeros(g.numel(), device=g.device)).to(g.device).flatten()
+                          for k, g in self.masks.gates.items()])
+        self._act_buffer = {}
+        self._accumulate(_mean_across_ranks(flat))
+
+    def _unwatch_activations(self) -> None:
+        for h in self._act_handles:
+            h.remove()
+        self._act_handles = []
+
+    # -- masked weights ------------------------------------------------------------------------
+
+    def _build_zero_targets(self) -> None:
+        """(parameter, dim, indices) slices that belong to masked heads and neurons."""
+        targets = []
+        spec = get_adapter(self.model).arch_spec(self.model.config)
+        for (key, i, name), gate in self.masks.gates.items():
+            masked = torch.nonzero(gate.detach().cpu() == 0).flatten()
+            if len(masked) == 0:
+                continue
+            stack = spec.stacks[key]
+            layer = get_module(self.model.base_model, stack.layers)[i]
+            if name in stack.attention:
+                attn = stack.attention[name]
+                heads, kv_heads, hd = attention_dims(layer, attn)
+                rows = head_rows(masked, hd)
+                if attn.fused_qkv:
+                    inner = heads * hd
+                    fused = torch.cat([rows, rows + inner, rows + 2 * inner])  # [q | k | v] sections
+                    targets += _output_slices(get_module(layer, attn.q), fused)
+                else:
+                    targets += _output_slices(get_module(layer, attn.q), rows)
+                    group = heads // kv_heads
+                    alive = (gate.detach().cpu() != 0).reshape(kv_heads, group).any(1)
+                    dead_kv = torch.nonzero(~alive).flatten()
+                    if len(dead_kv):
+                        kv_rows = head_rows(dead_kv, hd)
+                        targets += _output_slices(get_module(layer, attn.k), kv_rows)
+                        targets += _output_slices(get_module(layer, attn.v), kv_rows)
+                targets += _input_slices(get_module(layer, attn.o), rows)
+            else:
+                ffn = stack.ffn[name]
+                for path in ffn.up:
+                    targets += _output_slices(get_module(layer, path), masked)
+                targets += _input_slices(get_module(layer, ffn.down), masked)
+        self._zero_targets = targets
+
+    def _zero_masked_weights(self) -> None:
+        with torch.no_grad():
+            for param, dim, idx in self._zero_targets:
+                param.index_fill_(dim, idx.to(param.device), 0.0)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _find_state(self, args, state) -> dict:
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step}, but the pruning state {path} is missing; call "
+                "callback.load_state(<checkpoint dir>) before trainer.train(resume_from_checkpoint=...) when the "
+                "checkpoint is not in output_dir")
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def _restore(self, saved: dict) -> None:
+        if saved.get("format") != STATE_FORMAT:
+            raise ValueError(f"pruning state format {saved.get('format')!r} is not {STATE_FORMAT}")
+        if saved["config"] != self.config.to_dict() or saved["schedule"] != self._resolved.to_dict():
+            logger.warning("hfprune: the checkpoint's pruning config or schedule differs from this callback's; "
+                           "continuing with this callback's")
+        self.events_done = [int(t) for t in saved["events_done"]]
+        self._score_steps = int(saved["score_steps"])
+        keys = {_key_str(k): k for k in self.masks.gates}
+        self._scores = {keys[k]: torch.tensor(v, dtype=torch.float32) for k, v in saved["scores"].items()}
+        if saved.get("plan") is not None:
+            self.masks.set_plan(PrunePlan.from_dict(saved["plan"]))
+        self._build_zero_targets()
+
+    def _refresh(self) -> None:
+        plan = self.masks.to_plan()
+        after = cost.estimate(self.model, plan, seq_len=self.config.seq_len)
+        kept = self.masks.kept()
+        fraction = fraction_at(self._resolved, max(self.events_done, default=-1)) if self.events_done else 0.0
+        self._summary = {
+            "prune/fraction": round(fraction, 6),
+            "prune/macs_ratio": after.macs / max(self._dense.macs, 1),
+            "prune/params_ratio": after.params / max(self._dense.params, 1),
+            "prune/heads": kept.get("heads", 0),
+            "prune/neurons": kept.get("neurons", 0),
+        }
+
+
+def put_first(trainer, callback: PruningCallback) -> None:
+    """Move ``callback`` ahead of the Trainer's reporting integrations, so its metrics reach TensorBoard/W&B."""
+    callbacks = trainer.callback_handler.callbacks
+    if callback in callbacks:
+        callbacks.remove(callback)
+    callbacks.insert(0, callback)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _key_str(key: tuple) -> str:
+    return "/".join(str(k) for k in key)
+
+
+def _intersect(plan: PrunePlan, before: PrunePlan) -> PrunePlan:
+    """``plan`` minus whatever ``before`` already removed (pruning is monotone)."""
+    new, old = plan.to_dict(), before.to_dict()
+    for stack, layers in new.items():
+        if stack == "model_type" or not isinstance(layers, list):
+            continue
+        for entry, prev in zip(layers, old.get(stack) or []):
+            for name in list(entry):
+                if name == "drop" or name not in prev or prev[name] is None:
+                    continue
+                keep = entry[name]
+                entry[name] = sorted(set(prev[name]) if keep is None else set(keep) & set(prev[name]))
+    return PrunePlan.from_dict(new)
+
+
+def _output_slices(module, rows: torch.Tensor) -> list:
+    base = base_layer(module)
+    out = [(base.weight, 1 if is_conv1d(base) else 0, rows)]
+    if getattr(base, "bias", None) is not None:
+        out.append((base.bias, 0, rows))
+    if base is not module:
+        out += [(b.weight, 0, rows) for b in module.lora_B.values()]
+    return out
+
+
+def _input_slices(module, cols: torch.Tensor) -> list:
+    base = base_layer(module)
+    out = [(base.weight, 0 if is_conv1d(base) else 1, cols)]
+    if base is not module:
+        out += [(a.weight, 1, cols) for a in module.lora_A.values()]
+    return out
+
+
+def _world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _mean_across_ranks(flat: torch.Tensor) -> torch.Tensor:
+    """Average over ranks, as DDP averages parameter gradients (gloo has no AVG: sum, then divide)."""
+    world = _world()
+    if world > 1:
+        flat = flat.contiguous()
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat = flat / world
+    return flat
+
+
+def _broadcast_gates(masks: Masks) -> None:
+    if _world() > 1:
+        with torch.no_grad():
+            for gate in masks.gates.values():
+                torch.distributed.broadcast(gate.data, src=0)
+
+
+def _write_json(path: str, data: dict) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".hfprune-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+__all__ = ["STATE_FILE", "PruningCallback", "put_first"]

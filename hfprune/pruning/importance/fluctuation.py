@@ -1,0 +1,75 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Fluctuation (An et al. 2024, FLAP): how much a unit's contribution to the residual stream varies over the
+calibration tokens, ``sum_d Var(x_d) * |W[:, d]|^2`` over the unit's input features ``d`` of the block's output
+projection ``W``. A unit whose output barely varies can be replaced by its mean, which is what bias compensation
+(``PruningConfig(bias_compensation=True)``) does; FLAP pairs the two."""
+
+from __future__ import annotations
+
+import torch
+
+from ...core.apply import unwrap
+from ...core.blocks import merged_weight
+from ...core.calibration import token_rows
+from ...core.structure import in_features
+from .activation import watched_pass
+from .base import (
+    Importance,
+    reduce_across_processes,
+    register_importance,
+    require_data,
+    zero_scores,
+)
+
+
+def fluctuation(total: torch.Tensor, squares: torch.Tensor, count: float, column_norms: torch.Tensor,
+                units: int) -> torch.Tensor:
+    """Per-unit score from per-feature sums, sums of squares and the token count (population variance), times the
+    squared norms of the output projection's input columns, summed over each unit's ``features / units`` columns."""
+    mean = total / max(count, 1.0)
+    var = (squares / max(count, 1.0) - mean * mean).clamp_min(0.0)
+    return (var * column_norms).reshape(units, -1).sum(-1)
+
+
+def _column_norms(module) -> torch.Tensor:
+    """``|W[:, d]|^2`` for every input feature ``d`` of a Linear, Conv1D or LoRA-wrapped projection (with an
+    unmerged LoRA update included, as the forward pass applies it)."""
+    return merged_weight(module).double().pow(2).sum(0)
+
+
+@register_importance
+class FluctuationImportance(Importance):
+    name = "fluctuation"
+
+    def score(self, model, batches=None) -> dict:
+        require_data(self.name, batches)
+        model = unwrap(model)
+        device = next(model.parameters()).device
+        sums, squares, counts, watched, current = {}, {}, {}, {}, {}
+
+        def hook(key, n, module):
+            watched[key] = (module, n)
+
+            def fn(_m, args):
+                x = token_rows(args[0].detach().double(), current["batch"])  # padding positions are not tokens
+                sums[key] = sums.get(key, 0) + x.sum(0)
+                squares[key] = squares.get(key, 0) + x.pow(2).sum(0)
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            return fn
+
+        watched_pass(model, batches, hook, self.name, current)
+        # sums, squares and counts are reduced separately (every rank, every key) so unequal shards combine exactly;
+        # emptiness is judged on the reduced counts, so a rank without data does not leave the others waiting
+        features = {k: torch.zeros(in_features(m), dtype=torch.float64, device=device) for k, (m, _) in watched.items()}
+        sums = reduce_across_processes({k: sums.get(k, z) + z for k, z in features.items()})
+        squares = reduce_across_processes({k: squares.get(k, z) + z for k, z in features.items()})
+        counts = reduce_across_processes({k: torch.tensor(float(counts.get(k, 0)), dtype=torch.float64,
+                                                          device=device) for k in features})
+        if not any(float(c) > 0 for c in counts.values()):
+            raise ValueError("the calibration data is empty")
+        scores = zero_scores(model)
+        for key, (module, n) in watched.items():
+            scores[key] = fluctuation(sums[key], squares[key], float(counts[key]), _column_norms(module).to(device),
+                                      n).to(scores[key].dtype)
+        return scores

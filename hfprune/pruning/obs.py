@@ -1,0 +1,312 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Layer-wise reconstruction by structured Optimal Brain Surgeon (Kurtic et al. 2023, ZipLM; Ling et al. 2024,
+SlimGPT): ``PruningConfig(recovery="obs")``.
+
+For an output projection ``W`` (out x in) whose inputs on calibration tokens are the rows of ``X``, let
+``H = X^T X`` (damped: ``+ lambda I``). Removing the input columns ``R`` and moving the other columns so that the
+projection's output changes least in ``||(W' - W) X^T||^2`` is, with ``Hinv = H^-1``::
+
+    W' = W - W[:, R] Hinv[R, R]^-1 Hinv[R, :]        loss: tr(W[:, R] Hinv[R, R]^-1 W[:, R]^T)
+
+For one column the loss is ``||W[:, j]||^2 / Hinv[j, j]``. FFN neurons are re-picked greedily: the cheapest
+neuron goes, ``W`` and ``Hinv`` (by its Schur complement) are updated, and so on until as many are left as the
+criterion's selection kept. Attention keeps the criterion's heads (a per-group choice keeps GQA valid) and only
+its output projection is updated for the removed heads' columns.
+
+Blocks are processed in forward order on the pruned model's own hidden states, so each block sees what it will
+see after pruning: per stack, the first layer's inputs are recorded once and the layers are replayed one at a
+time. The math is in pure functions (:func:`damped_inverse`, :func:`drop_columns`, :func:`greedy_drop`);
+:func:`reconstruct` runs the calibration passes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core.apply import unwrap
+from ..core.arch import get_adapter
+from ..core.blocks import base_layer, get_block, is_conv1d, iter_blocks, iter_stacks, merged_weight
+from ..core.calibration import Stop, device_batches, token_rows
+from ..core.structure import in_features
+from .importance.base import iterate, reduce_across_processes
+from .recovery import tunable_blocks
+
+DAMP = 0.01  # relative to the mean diagonal of H, as in SparseGPT: keeps rarely active units from blowing up
+
+
+def damped_inverse(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """``(H + damp * mean(diag H) * I)^-1`` in float64. Without damping, inputs that never fire (zero rows) get a
+    unit diagonal so that the matrix stays invertible (with damping they cost ``damp`` times nothing to remove)."""
+    h = hessian.double().clone()
+    lam = damp * float(h.diagonal().mean())
+    if lam > 0:
+        h.diagonal().add_(lam)
+    else:
+        dead = h.diagonal() == 0
+        h[dead, dead] = 1.0
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+def drop_columns(weight: torch.Tensor, hinv: torch.Tensor, cols: list) -> tuple:
+    """``(W', Hinv')``: ``W`` (out, in) with the input columns ``cols`` removed and the others moved to keep the
+    output on the calibration inputs (``hinv`` from :func:`damped_inverse`); removed columns are zero in ``W'``.
+    ``Hinv'`` is the inverse restricted to the remaining columns (zero rows/columns at ``cols``)."""
+    if not cols:
+        return weight.clone(), hinv.clone()
+    r = torch.as_tensor(cols, device=weight.device)
+    solve = torch.linalg.solve(hinv[r][:, r], hinv[r])  # Hinv[R, R]^-1 Hinv[R, :]
+    w = weight - weight[:, r] @ solve
+    h = hinv - hinv[:, r] @ solve
+    w[:, r] = 0
+    h[r] = 0
+    h[:, r] = 0
+    return w, h
+
+
+def greedy_drop(weight: torch.Tensor, hinv: torch.Tensor, count: int) -> tuple:
+    """Remove ``count`` input columns of ``weight`` (out, in) one at a time, always the one whose removal costs
+    least after the previous removals' updates. Returns ``(W', removed columns in removal order)``.
+
+    Each removal is a rank-one downdate of ``Hinv``; rather than rewriting the (in, in) matrix every step (memory
+    bound: most of the time for an FFN), the downdates are kept as rows of ``u`` (``Hinv_t = Hinv - u^T u``) and
+    only the row and diagonal that the next step reads are formed."""
+    w = weight.T.clone()  # (in, out): a unit's weights are one contiguous row
+    diag = hinv.diagonal().clone()
+    norms = (w * w).sum(1)
+    u = torch.zeros(count, w.shape[0], dtype=hinv.dtype, device=hinv.device)
+    alive = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+    removed = []
+    for t in range(count):
+        cost = norms / diag.clamp_min(torch.finfo(diag.dtype).tiny)
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        row = hinv[j] - u[:t, j] @ u[:t]  # row j of the current Hinv
+        pivot = row[j]
+        a, c = w[j].clone(), row / pivot
+        c[~alive] = 0  # removed units stay exactly zero (their Hinv rows are only zero up to rounding)
+        norms += c * (c * (a @ a) - 2 * (w @ a))  # ||w_i - c_i a||^2, without a second pass over w
+        w.addr_(c, a, alpha=-1.0)
+        u[t] = row / pivot.sqrt()
+        diag -= row * c
+        w[j] = 0
+        norms[j] = 0
+        alive[j] = False
+        removed.append(j)
+    return w.T.contiguous(), removed
+
+
+def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_examples: int | None = None) -> dict:
+    """Structured OBS on the dense ``model`` (before slicing), block by block in forward order: FFN neurons are
+    re-picked (as many as ``kept`` keeps) and attention keeps ``kept``'s heads; every pruned block's output
+    projection is updated in place, its removed columns zeroed. ``kept``: ``{block key: kept indices}``
+    (missing: kept whole). Returns ``kept`` with the FFN blocks' new choices.
+
+    Refused with a ``ValueError``, before anything changes: stacks that cannot be replayed one layer at a time
+    (something runs between layers, or attention draws random numbers), Autoformer's query-averaging attention
+    losing heads, and DoRA layers. LoRA-wrapped projections are reconstructed on their merged weight; the change
+    goes into the base weight. A projection that runs more than once per layer (PatchTST's time and channel
+    attention share one) is fitted to the inputs of all its calls, taken before its own update.
+    """
+    model = unwrap(model)
+    spec = get_adapter(model).arch_spec(model.config)
+    pruned = _pruned_blocks(model, spec, kept)
+    if not pruned:
+        return dict(kept)
+    batches = device_batches(model, iterate(batches, "recovery data"), max_examples)
+    out = dict(kept)
+    # restored if anything fails half-way, so nothing is half-written; kept on the CPU, only what changes
+    saved = {b[0]: base_layer(b[1]).weight.detach().to("cpu", copy=True) for bs in pruned.values() for b in bs}
+    use_cache = getattr(model.config, "use_cache", None)
+    try:
+        if use_cache is not None:  # a KV cache would grow with every replay of a layer
+            model.config.use_cache = False
+        with torch.no_grad():
+            calls_per_block = _check_replay(model, spec, batches[0], pruned)
+            for stack_key, stack, layers in iter_stacks(model, spec):
+                calls = [_record(model, {stack_key: layers}, batch)[stack_key] for batch in batches]
+                hidden = [_hidden(c[0]) for c in calls]
+                for i, layer in enumerate(iterate(layers, f"OBS {stack_key}")):
+                    for key, module, width in pruned.get((stack_key, i), []):
+                        layer_calls = [c[i] for c in calls]
+                        hessian = _input_hessian(layer, module, hidden, layer_calls, batches,
+                                                 stop=calls_per_block[key] == 1)
+                        hessian = reduce_across_processes({"h": hessian})["h"]  # every rank solves the same system
+                        out.update(_update(module, key, width, key[2] in stack.ffn, kept[key], hessian, damp))
+                    hidden = [_run(layer, h, c[i]) for h, c in zip(hidden, calls)]
+    except BaseException:
+        with torch.no_grad():
+            for bs in pruned.values():
+                for key, module, _ in bs:
+                    weight = base_layer(module).weight
+                    weight.copy_(saved[key].to(weight.device))
+        raise
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    return out
+
+
+def _pruned_blocks(model: nn.Module, spec, kept: dict) -> dict:
+    """``{(stack, layer): [(key, output projection, width per unit)]}`` of the blocks ``kept`` prunes; raises
+    ``ValueError`` for what cannot be reconstructed."""
+    name = type(model).__name__
+    for block in iter_blocks(model, spec, kind="heads"):
+        if block.spec.draws_rng:
+            raise ValueError(f"{name}: the attention of stack {block.key.stack!r} draws random numbers in every "
+                             "forward pass (ProbSparse), so a replayed layer does not compute what the model did; "
+                             "use attention_type='full', or recovery 'none'")
+    tunable = {key: (module, width) for key, module, width in tunable_blocks(model)}
+    out: dict = {}
+    for key, keep in kept.items():
+        if keep is None or len(keep) >= get_block(model, key, spec).units:
+            continue
+        if key not in tunable:  # Autoformer: zeroing heads' output columns is not what removing them does
+            raise ValueError(f"{name}: block {key} averages query-key scores over its heads, so removing heads "
+                             "is not a change of its output projection that recovery='obs' can fit; use recovery "
+                             "'none', or keep its heads")
+        module, width = tunable[key]
+        if any(True for _ in getattr(module, "lora_magnitude_vector", {})):
+            raise ValueError(f"recovery='obs' does not support the DoRA layer of block {key} (its magnitude "
+                             "rescaling is not a weight change it can make); merge_and_unload() the adapter first")
+        out.setdefault(key[:2], []).append((key, module, width))
+    return out
+
+
+def _update(module: nn.Module, key, width: int, is_ffn: bool, keep, hessian: torch.Tensor, damp: float) -> dict:
+    """Reconstruct one output projection from its input Hessian; ``{key: kept units}`` for an FFN it re-picked."""
+    units = in_features(module) // width
+    weight = merged_weight(module).double()
+    hinv = damped_inverse(hessian, damp)
+    if is_ffn and width == 1:
+        new, removed = greedy_drop(weight, hinv, units - len(keep))
+        result = {key: sorted(set(range(units)) - set(removed))}
+    else:
+        gone = sorted(set(range(units)) - set(keep))
+        new, _ = drop_columns(weight, hinv, [u * width + d for u in gone for d in range(width)])
+        result = {}
+    base = base_layer(module)
+    delta = (new - weight).to(base.weight.dtype)
+    base.weight.add_(delta.T if is_conv1d(base) else delta)  # merged LoRA weight = new: removed columns silent
+    return result
+
+
+def _record(model: nn.Module, stacks: dict, batch: dict, keep_hidden: bool = False) -> dict:
+    """``{stack key: [(args, kwargs) of each layer call]}`` for ``stacks`` (``{key: layers}``) in one pass of
+    ``model`` on ``batch``. Only each stack's first hidden states are kept (the replay computes the others), unless
+    ``keep_hidden``."""
+    seen: dict = {key: [] for key in stacks}
+
+    def watch(key, layer):
+        def pre_hook(_m, args, kwargs):
+            if seen[key] and not keep_hidden:  # layers x tokens x hidden would not fit for an LLM
+                if args:
+                    args = (None, *args[1:])
+                else:
+                    kwargs = {k: None if k in HIDDEN_KWARGS else v for k, v in kwargs.items()}
+            seen[key].append((args, kwargs))
+
+        return layer.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    handles = [watch(key, layer) for key, layers in stacks.items() for layer in layers]
+    try:
+        model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
+    """Raise ``ValueError`` unless every stack's layers are each called once per forward pass and each takes the
+    previous layer's output as its input, so replaying a stack one layer at a time computes what the model does.
+    Also sorts each layer's pruned blocks into the order they run in (which the family's block list need not
+    follow: PatchTSMixer), and returns ``{block key: calls of its output projection per forward pass}``."""
+    order: dict = {}
+    counts: dict = {}
+
+    def watch(key, module):
+        def pre_hook(_m, _args):
+            order.setdefault(key, len(order))
+            counts[key] = counts.get(key, 0) + 1
+
+        return module.register_forward_pre_hook(pre_hook)
+
+    handles = [watch(key, module) for bs in pruned.values() for key, module, _ in bs]
+    stacks = {key: layers for key, _, layers in iter_stacks(model, spec)}
+    try:  # one pass: the call counts are per forward pass
+        calls = _record(model, stacks, batch, keep_hidden=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for stack_key, layers in stacks.items():
+        recorded = calls[stack_key]
+        if len(recorded) != len(layers):
+            raise ValueError(f"{type(model).__name__}: stack {stack_key!r} made {len(recorded)} layer calls for "
+                             f"{len(layers)} layers; recovery='obs' replays each layer once")
+        for i in range(len(layers) - 1):
+            ran, nxt = _run(layers[i], _hidden(recorded[i]), recorded[i]), _hidden(recorded[i + 1])
+            if ran.shape != nxt.shape or not torch.allclose(ran, nxt, rtol=1e-4, atol=1e-5):
+                raise ValueError(f"{type(model).__name__}: layer {i + 1} of stack {stack_key!r} does not take layer "
+                                 f"{i}'s output as its input, so recovery='obs' cannot replay the stack one layer at "
+                                 "a time; use recovery 'lstsq' or 'none'")
+    missing = sorted(str(key) for bs in pruned.values() for key, _, _ in bs if key not in counts)
+    if missing:
+        raise RuntimeError(f"these output projections did not run in the calibration pass: {missing}")
+    for bs in pruned.values():
+        bs.sort(key=lambda b: order[b[0]])
+    return counts
+
+
+HIDDEN_KWARGS = ("hidden_states", "hidden_state")  # what layers that take it by keyword call it
+
+
+def _hidden(call: tuple) -> torch.Tensor:
+    """The hidden states a recorded layer call received: the first positional argument, else the keyword."""
+    args, kwargs = call
+    if args:
+        return args[0]
+    for name in HIDDEN_KWARGS:
+        if name in kwargs:
+            return kwargs[name]
+    raise ValueError(f"a layer was called without hidden states by position or as one of {HIDDEN_KWARGS}")
+
+
+def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
+    """Replay a recorded layer call on ``hidden``; the layer's output hidden states."""
+    args, kwargs = call
+    if args:
+        out = layer(hidden, *args[1:], **kwargs)
+    else:
+        name = next(n for n in HIDDEN_KWARGS if n in kwargs)
+        out = layer(**{**kwargs, name: hidden})
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop: bool) -> torch.Tensor:
+    """``X^T X`` (float64) of ``module``'s inputs over the non-padding tokens, replaying ``layer`` on ``hidden``;
+    ``stop``: the module runs once per layer, so the replay ends there."""
+    seen: list = []
+
+    def pre_hook(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["input"]).detach())
+        if stop:
+            raise Stop
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hessian = None
+    try:
+        for h, call, batch in zip(hidden, calls, batches):
+            try:
+                _run(layer, h, call)
+            except Stop:
+                pass
+            if not seen:
+                raise RuntimeError(f"{type(module).__name__} did not run when its layer was replayed")
+            for x in seen:
+                x = token_rows(x, batch).double()
+                hessian = x.T @ x if hessian is None else hessian + x.T @ x
+            seen.clear()
+    finally:
+        handle.remove()
+    return hessian

@@ -1,0 +1,264 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""Retraining-free pruning: score -> select -> slice. ``hfprune.prune(model, data, PruningConfig(...))``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core import cost
+from ..core.apply import apply_plan, as_model, model_dims, unwrap
+from ..core.arch import get_adapter
+from ..core.plan import PlanError, PrunePlan
+from ..core.structure import attention_dims, get_module, in_features, out_features
+from . import budget as select
+from . import obs, recovery
+from .config import PruningConfig, require_config
+from .importance import get_importance
+from .importance.base import calibration_batches, check_batches
+from .latency import LatencyTable
+
+
+@dataclass
+class PruneResult:
+    """What :func:`prune` did: the plan, the pruned model, costs before and after, and the time taken."""
+
+    plan: PrunePlan
+    model: nn.Module
+    before: cost.CostReport
+    after: cost.CostReport
+    seconds: float
+    scores: dict
+    recovery: str = "none"
+    scales: dict | None = None  # block key -> fitted output scales of its kept units (mask tuning)
+    latency: LatencyTable | None = None
+
+    def table(self) -> str:
+        b, a = self.before, self.after
+        rows = [
+            f"{'':<10}{'before':>16}{'after':>16}{'ratio':>8}",
+            f"{'params':<10}{b.params:>16,}{a.params:>16,}{a.params / b.params:>8.3f}",
+            f"{'MACs':<10}{b.macs:>16,}{a.macs:>16,}{a.macs / b.macs:>8.3f}",
+            f"(MACs of the transformer layers at seq_len {b.seq_len}; pruned in {self.seconds:.1f} s; "
+            f"recovery: {self.recovery})",
+            "",
+            a.table(),
+        ]
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def blocks_for(model: nn.Module, scores: dict, config: PruningConfig, latency: LatencyTable | None = None) -> list:
+    """Selection blocks with per-unit costs in the budget's currency (MACs, parameters or seconds: the slope of
+    each block's fitted latency line, per head or neuron)."""
+    model = unwrap(model)
+    spec = get_adapter(model).arch_spec(model.config)
+    by_params = config.params_ratio is not None
+    t = config.seq_len
+    out = []
+    for key, stack in spec.stacks.items():
+        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
+            for name, attn in stack.attention.items():
+                heads, kv_heads, hd = attention_dims(layer, attn)
+                if heads == 0:
+                    continue
+                hidden = in_features(get_module(layer, attn.q))
+                o_out = out_features(get_module(layer, attn.o))
+                per_token = hidden * hd + hd * o_out
+                kv = 2 * hidden * hd
+                if attn.fused_qkv:  # every head carries its own k and v
+                    per_token, kv = per_token + kv, 0
+                unit = per_token if by_params else t * per_token + 2 * hd * t * t
+                kv = kv if by_params else t * kv
+                if latency is not None:  # measured per kept head, key/value cost and overhead shared out
+                    entry = latency.entries[(key, i, name)]
+                    unit, kv = entry.slope + entry.intercept / heads, 0.0
+                out.append(select.Block((key, i, name), scores[(key, i, name)], float(unit), heads // kv_heads,
+                                        float(kv)))
+            for name, ffn in stack.ffn.items():
+                down = get_module(layer, ffn.down)
+                per_token = sum(in_features(get_module(layer, p)) for p in ffn.up) + out_features(down)
+                if in_features(down) == 0:
+                    continue
+                unit = per_token if by_params else t * per_token
+                if latency is not None:
+                    entry = latency.entries[(key, i, name)]
+                    unit = entry.slope + entry.intercept / in_features(down)
+                out.append(select.Block((key, i, name), scores[(key, i, name)], float(unit)))
+    return out
+
+
+def plan_from_scores(model: nn.Module, scores: dict, config: PruningConfig,
+                     latency: LatencyTable | None = None) -> PrunePlan:
+    """Turn importance scores into a plan under ``config``'s budget and constraints (no data needed)."""
+    model = unwrap(model)
+    kept, _ = select_kept(model, scores, config, latency)
+    return select.to_plan(kept, model_dims(model), model.config.model_type)
+
+
+def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: LatencyTable | None = None) -> tuple:
+    """``({block key: kept indices}, selection blocks)`` under ``config``'s budget; a latency budget needs
+    ``latency`` (a table measured for this model)."""
+    model = unwrap(model)
+    kind = config.budget_kind
+    if kind == "latency" and latency is None:
+        raise ValueError("a latency_ratio budget needs a latency table (hfprune.latency.measure(model))")
+    blocks = blocks_for(model, scores, config, latency if kind == "latency" else None)
+    normalize = config.normalize
+    if normalize == "auto":
+        normalize = "none" if get_importance(config.criterion).loss_scale else "layer"
+    if normalize == "layer":
+        blocks = select.normalize(blocks)
+    choose = select.select_uniform if config.scope == "uniform" else select.select_global
+    given = ", ".join(f"{n}={getattr(config, n)!r}" for n in _budget_names(config))
+    try:
+        if kind == "ratio":
+            kept = select.select_per_layer(blocks, config.head_ratio, config.ffn_ratio, config.min_heads,
+                                           config.round_to)
+        elif kind == "latency":
+            kept = _select_latency(blocks, choose, config, latency)
+        else:
+            dense = cost.estimate(model, seq_len=config.seq_len)
+            total = dense.params if kind == "params" else dense.macs
+            budget = getattr(config, f"{kind}_ratio") * total
+            fixed = total - sum(b.unit_cost * len(b.scores) + b.kv_unit_cost * len(b.scores) // b.group
+                                for b in blocks)
+            kept = choose(blocks, budget, fixed_cost=fixed, min_heads=config.min_heads, round_to=config.round_to)
+    except PlanError as err:  # selection speaks in MACs or parameters; say which setting that came from
+        raise PlanError(f"{given}: {err}") from None
+    emptied = all(b.key in kept and not len(kept[b.key]) for b in blocks)
+    if blocks and emptied and not getattr(config, "allow_empty", False):
+        # A budget under the cost of one head or neuron per model is a typo far more often than a wish for a
+        # bias-only model; refuse it here, where the model's costs are known, rather than in the config.
+        raise PlanError(f"the budget {given} keeps no head and no neuron in any layer of this "
+                        f"{model.config.model_type} model ({len(blocks)} blocks); give a larger budget or "
+                        "min_heads >= 1, or pass allow_empty=True to accept a model whose layers are bias-only")
+    return kept, blocks
+
+
+def check_budget(model: nn.Module, config: PruningConfig, latency: LatencyTable | None = None) -> None:
+    """Raise the :class:`PlanError` selection would (a budget the constraints cannot meet, or one that keeps
+    nothing) before any scoring pass or training step. Both depend on the model's costs and the constraints, not
+    on which units score higher, so a selection on equal scores tells."""
+    model = unwrap(model)
+    equal = {(key, i, name): torch.ones(size[0]) for key, layers in model_dims(model).items()
+             for i, blocks in enumerate(layers) for name, size in blocks.items()}
+    select_kept(model, equal, config, latency)
+
+
+def _budget_names(config: PruningConfig) -> list:
+    """The budget fields ``config`` sets (one of macs/params/latency, or head and/or FFN ratios)."""
+    return [n for n in ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio", "ffn_ratio")
+            if getattr(config, n) is not None]
+
+
+def _select_latency(blocks: list, choose, config: PruningConfig, latency: LatencyTable) -> dict:
+    """Selection under a latency budget. Unit costs share each block's fixed overhead out over its units, which
+    underestimates a partly kept block; so the budget handed to selection is bisected down until the table's
+    prediction for the chosen plan (overhead counted for every block that keeps anything) fits."""
+    target = config.latency_ratio * latency.dense()
+
+    def attempt(budget):
+        try:
+            kept = choose(blocks, budget, min_heads=config.min_heads, round_to=config.round_to)
+        except PlanError:
+            return None
+        return kept if latency.predict({k: len(v) for k, v in kept.items()}) <= target else None
+
+    best = attempt(target)
+    lo, hi = 0.0, target
+    for _ in range(30 if best is None else 0):
+        mid = (lo + hi) / 2
+        kept = attempt(mid)
+        if kept is None:
+            hi = mid
+        else:
+            best, lo = kept, mid
+    if best is None:
+        raise PlanError(f"the latency budget {target:.4g} s ({config.latency_ratio:.0%} of the dense layers' "
+                        f"predicted {latency.dense():.4g} s) cannot be met with min_heads={config.min_heads}")
+    return best
+
+
+def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig, *, tokenizer=None,
+          latency_table: LatencyTable | None = None) -> PruneResult:
+    """Score, select, recover and physically prune ``model`` in place; returns a :class:`PruneResult`.
+
+    ``calibration`` is a DataLoader, a list of model-ready batches, or a tokenised ``datasets.Dataset``
+    (batched by ``config.calibration_batch_size``, padded with ``DataCollatorWithPadding(tokenizer)`` when a
+    tokenizer is given). Criteria that need no data (magnitude, random) accept ``None`` (then no recovery runs).
+    A ``latency_ratio`` budget uses ``latency_table``, or measures one on the model's device
+    (:func:`hfprune.latency.measure` at ``config.latency_batch_size`` x ``config.seq_len``).
+
+    Example:
+
+    ```python
+    >>> import torch, hfprune
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2,
+    ...                                                  num_attention_heads=4, intermediate_size=64))
+    >>> result = hfprune.prune(model, None, hfprune.PruningConfig(criterion="magnitude", macs_ratio=0.5))
+    >>> result.after.macs <= 0.5 * result.before.macs
+    True
+    ```
+    """
+    start = time.perf_counter()
+    # every check before the model is touched: a bad argument leaves the model as it was
+    config = require_config(config)
+    target = as_model(model)
+    if latency_table is not None and not isinstance(latency_table, LatencyTable):
+        raise TypeError(f"latency_table must be a hfprune.latency.LatencyTable or None, got "
+                        f"{type(latency_table).__name__}")
+    calibration = check_batches(target, calibration, tokenizer)
+    mode = config.resolved_recovery
+    kwargs = {"seed": config.seed} if config.criterion == "random" else {}
+    if config.criterion == "fisher":
+        kwargs["keep_blocks"] = mode in ("rearrange", "full")
+    criterion = get_importance(config.criterion, **kwargs)
+    if calibration is None and (criterion.needs_data or config.recovery not in ("auto", "none")
+                                or config.bias_compensation):
+        raise ValueError(f"criterion {config.criterion!r} with recovery {config.recovery!r} and bias_compensation="
+                         f"{config.bias_compensation} needs calibration data; pass batches or use 'magnitude' with "
+                         "recovery='none' and bias_compensation=False")
+    if calibration is None:
+        mode = "none"
+    else:
+        calibration = calibration_batches(calibration, config.calibration_batch_size, tokenizer)
+        if iter(calibration) is calibration:  # a one-shot iterator: scoring and recovery both read it
+            calibration = list(calibration)
+    if config.bias_compensation:
+        recovery.bias_flags_needed(target)  # fail before the (possibly long) scoring pass
+    if config.budget_kind == "latency" and latency_table is None:
+        from .latency import measure
+
+        latency_table = measure(target, config.latency_batch_size, config.seq_len)
+    check_budget(target, config, latency_table)  # seconds before a scoring pass that may take minutes
+    was_training = target.training
+    target.eval()
+    before = cost.estimate(target, seq_len=config.seq_len)
+    try:
+        scores = criterion.score(target, calibration)
+        kept, blocks = select_kept(target, scores, config, latency_table)
+        if mode in ("rearrange", "full"):
+            kept = recovery.rearrange_kept(kept, criterion.blocks, {b.key: b.group for b in blocks})
+        scales = None
+        if mode in ("lstsq", "full"):
+            scales = recovery.tune_scales(target, kept, calibration, max_examples=config.recovery_examples)
+        if mode == "obs":
+            kept = obs.reconstruct(target, kept, calibration, max_examples=config.recovery_examples)
+        if config.bias_compensation:
+            recovery.compensate_biases(target, kept, calibration, max_examples=config.recovery_examples)
+            mode = "bias" if mode == "none" else f"{mode}+bias"
+        plan = select.to_plan(kept, model_dims(target), target.config.model_type)
+        apply_plan(model, plan)
+    finally:
+        target.train(was_training)
+    after = cost.estimate(target, seq_len=config.seq_len)
+    return PruneResult(plan, model, before, after, time.perf_counter() - start, scores, mode, scales,
+                       latency_table)
