@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TASK_TYPES = {"text-classification": "text-classification", "causal-lm": "text-generation",
-              "forecasting": "time-series-forecasting"}
+from .artifacts import RECIPE_FILE, layer_table, results_table
+from .tasks import TASKS
+
 DATASET_NAMES = {"movie_reviews": "Movie-review sentences (Pang & Lee 2005, polar subset)"}
 
 
@@ -24,7 +25,9 @@ def card_data(results: dict):
     tags = ["hfprune", "pruned", "structured-pruning"]
     if results.get("distilled"):
         tags.append("distilled")
-    task = TASK_TYPES.get(results.get("task"), results.get("task") or "other")
+    task_cls = TASKS.get(results.get("task"))
+    # a task this hfprune does not know (results written by another version): its own name stands as the type
+    task = task_cls.card_task_type if task_cls else results.get("task") or "other"
     dataset = results.get("dataset") or "unknown"
     split = results.get("eval", {}).get("split")
     evals = []
@@ -38,7 +41,7 @@ def card_data(results: dict):
     return ModelCardData(
         base_model=base_model_id(results),
         library_name="transformers",
-        pipeline_tag=task if task in ("text-classification", "text-generation") else None,
+        pipeline_tag=task_cls.pipeline_tag if task_cls else None,
         tags=tags,
         model_name=name,
         eval_results=evals or None,
@@ -67,12 +70,9 @@ def _summary(results: dict) -> str:
 def card_text(results: dict, recipe_yaml: str | None, plots: list, remote_code: bool = True) -> str:
     """The card's markdown body; ``remote_code``: the checkpoint carries ``modeling_hfprune.py`` (per-layer
     widths), else it is a plain checkpoint that stock transformers loads."""
-    from .report import layer_table
-    from .run import results_table
-
     name = results.get("recipe") or "pruned model"
-    task_class = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
-    auto = task_class.get(results.get("task"), "AutoModel")
+    task_cls = TASKS.get(results.get("task"))
+    auto = task_cls.auto_class if task_cls and task_cls.auto_class else "AutoModel"
     pr = results.get("pruning", {})
     budget = ", ".join(f"{k}={v}" for k, v in pr.items() if k.endswith("_ratio") and v is not None)
     how = [f"- method: {results.get('method', 'unknown')}"
@@ -153,7 +153,6 @@ def build_card(directory: str | Path, repo_id: str | None = None):
     from huggingface_hub import ModelCard
 
     from .report import checkpoint_results
-    from .run import RECIPE_FILE
 
     directory = Path(directory)
     results = checkpoint_results(directory)

@@ -65,6 +65,7 @@ def _split_run_args(args: list, flags: dict) -> tuple:
 
 
 def cmd_run(args: list) -> int:
+    from .artifacts import CARD_FILE, PLOTS_DIR
     from .recipe import load_recipe
     from .run import run
 
@@ -75,16 +76,17 @@ def cmd_run(args: list) -> int:
     print(f"\n## {recipe.name}\n")
     print(result.table())
     if result.output_dir is not None:
-        print(f"\nSaved to {result.output_dir} (model card: {result.output_dir / 'README.md'}, plots: "
-              f"{result.output_dir / 'plots'})")
+        print(f"\nSaved to {result.output_dir} (model card: {result.output_dir / CARD_FILE}, plots: "
+              f"{result.output_dir / PLOTS_DIR})")
     if result.results.get("hub_url"):
         print(f"Pushed: {result.results['hub_url']}")
     return 0
 
 
 def cmd_sweep(args: list) -> int:
+    from .artifacts import sweep_table
     from .recipe import load_recipe
-    from .run import sweep, sweep_table
+    from .sweep import sweep
 
     recipe_path, flags, overrides = _split_run_args(
         args, {"--ratios": ("0.4,0.5,0.6,0.7,0.8", True), "--budget": ("macs_ratio", True)})

@@ -20,9 +20,9 @@ import json
 import logging
 from pathlib import Path
 
-logger = logging.getLogger("hfprune")
+from .artifacts import CARD_FILE
 
-CARD_FILE = "README.md"
+logger = logging.getLogger("hfprune")
 
 
 class HubPushError(RuntimeError):

@@ -5,7 +5,9 @@ Strict on input: an unknown key or a value of the wrong type is an error that na
 allowed ones. Sections that configure a library object are checked against that object's own dataclass fields
 (``pruning`` -> :class:`~hfprune.PruningConfig`, ``schedule`` -> ``ScheduleConfig``, ``distillation`` ->
 ``DistillationConfig``, ``training`` -> ``transformers.TrainingArguments``), so a recipe can never drift from
-the code. Command-line overrides use dotted keys: ``--pruning.macs_ratio=0.5 --hub.push=true``.
+the code; the sections hfprune defines itself are the dataclasses of :mod:`hfprune.pipeline.specs`, and
+``model.task`` names a registered task (:mod:`hfprune.pipeline.tasks`). Command-line overrides use dotted keys:
+``--pruning.macs_ratio=0.5 --hub.push=true``.
 
 Example:
 
@@ -23,149 +25,21 @@ import copy
 import dataclasses
 import difflib
 import enum
-import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-TASKS = ("text-classification", "causal-lm", "forecasting")
+from .specs import DataSpec, EvalSpec, FinetuneSpec, HubSpec, ModelSpec, OutputSpec
+from .tasks import TASKS
+
 METHODS = ("oneshot", "gradual")
-BUILTIN_LOADERS = ("movie_reviews", "files", "none")
-FILE_FORMATS = ("csv", "json", "parquet", "text")
-# package.module:function, as importlib and getattr take it
-CALLABLE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-REPO_ID = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
-BUILTIN_TEACHERS = ("movie_review",)
 
 
 class RecipeError(ValueError):
     """A recipe (or an override) that cannot run; the message names the key and what is allowed."""
-
-
-# ---- Sections hfprune defines itself -------------------------------------------------------------------------
-
-
-@dataclass
-class ModelSpec:
-    path: str = field(default="asset:minilm", metadata={
-        "help": "a local directory, or an offline asset: asset:minilm, asset:movie-review-teacher"})
-    task: str = field(default="text-classification", metadata={"help": f"one of {TASKS}"})
-    num_labels: int | None = field(default=None, metadata={"help": "classification labels (a new head if set)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "to start from an hfprune-pruned checkpoint"})
-    base_model: str | None = field(default=None, metadata={
-        "help": "Hub id of the dense model, for the model card's base_model (e.g. sentence-transformers/...)"})
-
-    def __post_init__(self):
-        if not self.path.strip():
-            raise ValueError("path='' is empty; give a directory, asset:minilm or package.module:function")
-        if self.num_labels is not None and self.num_labels < 1:
-            raise ValueError(f"num_labels={self.num_labels} must be >= 1 (1: regression) or null")
-
-
-@dataclass
-class DataSpec:
-    loader: str = field(default="movie_reviews", metadata={
-        "help": "movie_reviews (hfprune.data.movie_reviews), files (datasets.load_dataset on local files), "
-                "'package.module:function' returning a DatasetDict (called with `seed` and `kwargs`), or none "
-                "(no data: data-free criteria only, no evaluation)"})
-    format: str | None = field(default=None, metadata={"help": "with loader=files: csv, json, parquet, text"})
-    files: dict | None = field(default=None, metadata={"help": "with loader=files: split name -> path(s)"})
-    kwargs: dict = field(default_factory=dict, metadata={"help": "extra keyword arguments for the loader"})
-    seed: int = field(default=0, metadata={"help": "seed of the split (the built-in loaders split with it)"})
-    text_column: str = field(default="text", metadata={"help": "column tokenised for text tasks"})
-    label_column: str = field(default="label", metadata={"help": "label column for classification"})
-    max_length: int = field(default=128, metadata={"help": "tokeniser truncation length"})
-    train_split: str = field(default="train", metadata={"help": "split used for calibration and training"})
-    validation_split: str | None = field(default="validation", metadata={"help": "split evaluated during training"})
-    eval_split: str = field(default="test", metadata={"help": "split reported before/after pruning"})
-    calibration_samples: int = field(default=256, metadata={"help": "training examples that score importance"})
-    calibration_batch_size: int = field(default=32, metadata={"help": "batch size of the calibration pass"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "cap on evaluated examples (None: all)"})
-
-    def __post_init__(self):
-        if self.loader == "files" and (not self.files or not self.format):
-            raise ValueError("loader: files needs `format` (csv, json, parquet, text) and `files` (split -> path)")
-        if self.loader not in BUILTIN_LOADERS and not CALLABLE_PATH.match(self.loader):
-            raise ValueError(f"loader={self.loader!r}; use one of {BUILTIN_LOADERS} or 'package.module:function'")
-        if self.format is not None and self.format not in FILE_FORMATS:
-            raise ValueError(f"format={self.format!r}; choose one of {FILE_FORMATS}")
-        for split, paths in (self.files or {}).items():
-            if not (isinstance(paths, str) and paths or isinstance(paths, list) and paths
-                    and all(isinstance(x, str) and x for x in paths)):
-                raise ValueError(f"files[{split!r}]={paths!r}: give a path or a list of paths")
-        for name in ("max_length", "calibration_samples", "calibration_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.max_eval_samples is not None and self.max_eval_samples < 1:
-            raise ValueError(f"max_eval_samples={self.max_eval_samples} must be >= 1 or null (all)")
-        for name in ("text_column", "label_column", "train_split", "eval_split"):
-            if not getattr(self, name).strip():
-                raise ValueError(f"{name}='' is empty; give a column or split name")
-
-
-@dataclass
-class FinetuneSpec:
-    teacher: str | None = field(default=None, metadata={
-        "help": f"a cached built-in fine-tuned model, one of {BUILTIN_TEACHERS} (hfprune.data.teachers)"})
-    training: dict | None = field(default=None, metadata={
-        "help": "TrainingArguments for fine-tuning the dense model first; the result is cached by its settings"})
-
-    def __post_init__(self):
-        if (self.teacher is None) == (self.training is None):
-            raise ValueError("give exactly one of `teacher` (a cached built-in) or `training` (fine-tune here)")
-        if self.teacher is not None and self.teacher not in BUILTIN_TEACHERS:
-            raise ValueError(f"teacher={self.teacher!r}; built-in teachers: {BUILTIN_TEACHERS}")
-
-
-@dataclass
-class EvalSpec:
-    metrics: list = field(default_factory=lambda: ["accuracy"], metadata={
-        "help": "metric names: hfprune's local ones (accuracy, f1, mse, mae, mase, perplexity) or Hub names"})
-    batch_size: int = field(default=64, metadata={"help": "evaluation batch size"})
-    latency: bool = field(default=True, metadata={"help": "measure dense and pruned latency"})
-    latency_batch_size: int = field(default=32, metadata={"help": "batch size of the latency input"})
-    latency_seq_len: int = field(default=128, metadata={"help": "tokens per row of the latency input"})
-    latency_rounds: int = field(default=7, metadata={"help": "timed rounds (dense and pruned alternate)"})
-    periodicity: int = field(default=1, metadata={"help": "seasonal lag of the mase metric (forecasting)"})
-
-    def __post_init__(self):
-        for name in ("batch_size", "latency_batch_size", "latency_seq_len", "latency_rounds", "periodicity"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        bad = [m for m in self.metrics if not isinstance(m, str) or not m.strip()]
-        if bad:
-            raise ValueError(f"metrics={self.metrics!r}: {bad[0]!r} is not a metric name (accuracy, f1, mse, ...)")
-
-
-@dataclass
-class OutputSpec:
-    dir: str | None = field(default=None, metadata={"help": "checkpoint directory (default outputs/<name>)"})
-    plots: bool = field(default=True, metadata={"help": "draw PNG plots into <dir>/plots"})
-    card: bool = field(default=True, metadata={"help": "write a model card (README.md) into <dir>"})
-
-    def __post_init__(self):
-        if self.dir is not None and not self.dir.strip():
-            raise ValueError("dir='' would write into the current directory; give a folder, or null for "
-                             "outputs/<name>")
-
-
-@dataclass
-class HubSpec:
-    repo_id: str | None = field(default=None, metadata={"help": "user/name on the Hub"})
-    push: bool = field(default=False, metadata={"help": "push the checkpoint after the run"})
-    private: bool | None = field(default=None, metadata={"help": "create the repo private (None: Hub default)"})
-    revision: str | None = field(default=None, metadata={"help": "branch to push to (created if missing)"})
-    create_pr: bool = field(default=False, metadata={"help": "open a pull request instead of committing"})
-
-    def __post_init__(self):
-        if self.push and not self.repo_id:
-            raise ValueError("push: true needs repo_id (user/name)")
-        if self.repo_id is not None and (not REPO_ID.match(self.repo_id) or ".." in self.repo_id
-                                         or "--" in self.repo_id or len(self.repo_id) > 96):
-            raise ValueError(f"repo_id={self.repo_id!r} is not a Hub repo id like user/name")
 
 
 # ---- The recipe ----------------------------------------------------------------------------------------------
@@ -345,8 +219,8 @@ def validate(raw: dict) -> Recipe:
             raise RecipeError(f"{misplaced} only apply to method: gradual (this recipe is oneshot)")
     elif "training" not in raw:
         raise RecipeError("method: gradual needs a `training` section (TrainingArguments fields)")
-    if built["model"].task not in TASKS:
-        raise RecipeError(f"model.task={built['model'].task!r}; choose one of {TASKS}")
+    if built["model"].task not in TASKS:  # the registry, read now: a task registered after import counts
+        raise RecipeError(f"model.task={built['model'].task!r}; choose one of {tuple(TASKS)}")
     if "finetune" in raw and raw["finetune"].get("training") is not None:
         _build_section("finetune.training", raw["finetune"]["training"], _training_cls, build=False)
     return Recipe(raw=raw, name=raw["name"], method=method, seed=raw.get("seed", 0), **built)
@@ -378,6 +252,11 @@ def _build_section(name: str, value, provider=None, build: bool | None = None):
                 raise RecipeError(f"{name}.{key}={value[key]!r} must be {allowed}")
     if not build:
         return dict(value)
+    # Not transformers' HfArgumentParser(cls).parse_dict: it checks no types (trust_remote_code: "no" would pass,
+    # and be truthy), builds the object before looking at unknown keys (a misspelt budget reads "give exactly one
+    # budget"), names no section and suggests nothing, and fails on a bare `list` field (EvalSpec.metrics). After
+    # the checks above it would only call cls(**value), at the price of importing transformers and of rewriting
+    # the dataclass's Field.type objects (it narrows `float | None` to `float` in place).
     try:
         return cls(**value)
     except (ValueError, TypeError) as err:

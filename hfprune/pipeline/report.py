@@ -10,7 +10,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-PLOTS_DIR = "plots"
+from .artifacts import (
+    PLOTS_DIR,
+    RESULTS_FILE,
+    SCORES_FILE,
+    layer_label,
+    layer_table,
+    read_results,
+    results_table,
+)
+
 KEPT = "#2b6cb0"
 REMOVED = "#e2e8f0"
 
@@ -26,17 +35,13 @@ def _pyplot():
     return plt
 
 
-def _label(row: dict) -> str:
-    return f"{row['stack']}[{row['index']}]" if row["stack"] != "layers" else f"layer {row['index']}"
-
-
 def plot_kept_structure(layers: list, path: Path) -> Path:
     """Bars per layer of kept (blue) and removed (grey) heads and neurons, one panel per block kind."""
     plt = _pyplot()
     kinds = [(k, "heads") for k in dict.fromkeys(n for r in layers for n in r["dense_heads"])]
     kinds += [(k, "neurons") for k in dict.fromkeys(n for r in layers for n in r["dense_neurons"])]
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.45 * len(layers) + 1.6), squeeze=False)
-    names = [_label(r) for r in layers]
+    names = [layer_label(r) for r in layers]
     for ax, (block, field) in zip(axes[0], kinds):
         dense = [r[f"dense_{field}"].get(block, 0) for r in layers]
         kept = [r[field].get(block, 0) for r in layers]
@@ -181,8 +186,6 @@ def pareto_front(points: list, lower_better: bool = False) -> list:
 
 
 def read_scores(directory: Path) -> dict:
-    from .run import SCORES_FILE
-
     path = Path(directory) / SCORES_FILE
     if not path.is_file():
         return {}
@@ -211,11 +214,9 @@ def checkpoint_results(directory: Path) -> dict:
     """``hfprune_results.json`` of a checkpoint written by ``hfprune run``; for any other pruned checkpoint (from
     ``save_pretrained`` or a Trainer), costs measured from the model itself, loaded by hfprune (no code from the
     checkpoint runs), with the dense sizes its plan records."""
-    from .run import RESULTS_FILE
-
     directory = Path(directory)
     if (directory / RESULTS_FILE).is_file():
-        return json.loads((directory / RESULTS_FILE).read_text())
+        return read_results(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} has no config.json: not a saved model")
     from ..core import cost
@@ -275,24 +276,8 @@ def _plan_version(directory: Path) -> str | None:
         return None
 
 
-def layer_table(layers: list) -> str:
-    """Markdown: per layer, kept/dense heads and neurons."""
-    blocks = list(dict.fromkeys(n for r in layers for n in (*r["dense_heads"], *r["dense_neurons"])))
-    rows = ["| layer | " + " | ".join(blocks) + " |", "|---|" + "---:|" * len(blocks)]
-    for r in layers:
-        cells = []
-        for b in blocks:
-            field = "heads" if b in r["dense_heads"] else "neurons"
-            kept, dense = r[field], r[f"dense_{field}"]
-            cells.append("dropped" if r["dropped"] else f"{kept.get(b, 0)} / {dense.get(b, 0)}")
-        rows.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
-
-
 def report(directory: str | Path, out: str | Path | None = None, plots: bool = True) -> tuple:
     """(markdown text, PNG paths) for a pruned checkpoint: what ``hfprune report DIR`` prints and draws."""
-    from .run import results_table
-
     directory = Path(directory)
     results = checkpoint_results(directory)
     parts = []
