@@ -40,12 +40,12 @@ from transformers import (  # noqa: E402
 
 import hfprune  # noqa: E402
 from hfprune import PruningConfig  # noqa: E402
-from hfprune.callback import PruningCallback  # noqa: E402
-from hfprune.cost import estimate  # noqa: E402
+from hfprune.core.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
 from hfprune.distill import DistillationConfig, DistillationTrainer  # noqa: E402
-from hfprune.latency import cpu_name, time_models  # noqa: E402
-from hfprune.schedule import ScheduleConfig  # noqa: E402
+from hfprune.pruning.callback import PruningCallback  # noqa: E402
+from hfprune.pruning.latency import cpu_name, time_models  # noqa: E402
+from hfprune.pruning.schedule import ScheduleConfig  # noqa: E402
 
 MACS_RATIO = 0.33
 RESULTS = Path(__file__).parent / "results"
@@ -85,7 +85,7 @@ def step_time(make_trainer, steps: int = 12) -> float:
 
 
 def latency(models: dict, rounds: int = 7) -> dict:
-    """Median seconds per forward at batch 32 x 128 (hfprune.latency.time_models: interleaved)."""
+    """Median seconds per forward at batch 32 x 128 (hfprune.pruning.latency.time_models: interleaved)."""
     x = {"input_ids": torch.randint(1000, 2000, (32, 128)), "attention_mask": torch.ones(32, 128, dtype=torch.long)}
     return {k: statistics.median(v) / 1000 for k, v in time_models(models, x, rounds, warmup=1).items()}
 

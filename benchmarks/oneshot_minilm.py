@@ -34,9 +34,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hfprune  # noqa: E402
-from hfprune.cost import estimate  # noqa: E402
+from hfprune.core.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
-from hfprune.latency import cpu_name, time_models  # noqa: E402
+from hfprune.pruning.latency import cpu_name, time_models  # noqa: E402
 
 BUDGETS = (0.6, 0.5)
 ROWS = (  # (criterion, recovery)
@@ -84,7 +84,7 @@ def accuracy(model, batches) -> float:
 
 
 def latency(dense, pruned, rounds: int, batch: int = 32, seq: int = 128) -> tuple:
-    """Median seconds of dense and pruned at ``batch`` x ``seq`` (hfprune.latency.time_models: interleaved)."""
+    """Median seconds of dense and pruned at ``batch`` x ``seq`` (hfprune.pruning.latency.time_models: interleaved)."""
     ids = torch.randint(1000, 20000, (batch, seq), generator=torch.Generator().manual_seed(0))
     times = time_models({"dense": dense, "pruned": pruned}, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                         rounds, warmup=1)
@@ -175,8 +175,8 @@ def main() -> None:
     calibration = data["train"].shuffle(seed=SEED).select(range(CALIBRATION))
     test = data["test"].select(range(256)) if args.quick else data["test"]
     collate = DataCollatorWithPadding(tokenizer)
-    test_batches = hfprune.importance.base.calibration_batches(test, 128, collate_fn=collate)
-    calib_batches = hfprune.importance.base.calibration_batches(calibration, 32, collate_fn=collate)
+    test_batches = hfprune.pruning.importance.base.calibration_batches(test, 128, collate_fn=collate)
+    calib_batches = hfprune.pruning.importance.base.calibration_batches(calibration, 32, collate_fn=collate)
     rounds = 3 if args.quick else args.rounds
     rows = ROWS[:1] + ROWS[5:6] if args.quick else ROWS
     budgets = BUDGETS[1:] if args.quick else BUDGETS

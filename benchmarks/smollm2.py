@@ -39,11 +39,11 @@ from transformers import (  # noqa: E402
 )
 
 import hfprune  # noqa: E402
-from hfprune.apply import model_dims  # noqa: E402
+from hfprune.core.apply import model_dims  # noqa: E402
 from hfprune.data.text import bbc_news, lm_blocks, smollm2_dir  # noqa: E402
-from hfprune.depth import block_influence, depth_plan, layer_param_counts  # noqa: E402
-from hfprune.latency import cpu_name  # noqa: E402
 from hfprune.perplexity import perplexity  # noqa: E402
+from hfprune.pruning.depth import block_influence, depth_plan, layer_param_counts  # noqa: E402
+from hfprune.pruning.latency import cpu_name  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT_TOKENS = 32

@@ -56,7 +56,7 @@ from hfprune.forecast import (  # noqa: E402
     point_forecast,
     seasonal_naive,
 )
-from hfprune.latency import cpu_name  # noqa: E402
+from hfprune.pruning.latency import cpu_name  # noqa: E402
 
 CONTEXT, HORIZON = VIC_ELEC["context_length"], VIC_ELEC["prediction_length"]
 SEASON, SEED = 48, 0

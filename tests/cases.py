@@ -35,8 +35,8 @@ def register(case: Case) -> Case:
 def random_plan(model, seed: int, gqa_uniform: bool = True) -> dict:
     """A heterogeneous plan: layer 0 loses all heads, layer 1 all FFN neurons, the last layer is dropped
     when the stack can drop one, other layers keep random subsets (GQA-valid)."""
-    from hfprune.apply import model_dims
-    from hfprune.arch import get_adapter
+    from hfprune.core.apply import model_dims
+    from hfprune.core.arch import get_adapter
 
     rng = random.Random(seed)
     spec = get_adapter(model).arch_spec(model.config)

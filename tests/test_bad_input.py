@@ -20,13 +20,16 @@ import transformers as T
 import yaml
 
 import hfprune
-import hfprune.run
+import hfprune.data.teachers
+import hfprune.pipeline.run
 from hfprune import PlanError, PrunePlan, PruningConfig
-from hfprune.callback import PruningCallback
-from hfprune.cli import main
 from hfprune.distill import DistillationConfig
-from hfprune.recipe import DEFAULT_RECIPE_YAML, RecipeError, load_recipe
-from hfprune.schedule import ScheduleConfig
+from hfprune.pipeline.cli import main
+from hfprune.pipeline.recipe import DEFAULT_RECIPE_YAML, RecipeError, load_recipe
+from hfprune.pipeline.sweep import sweep
+from hfprune.pipeline.tasks import TASKS
+from hfprune.pruning.callback import PruningCallback
+from hfprune.pruning.schedule import ScheduleConfig
 
 from .cases import CASES
 from .cases_nlp import VOCAB
@@ -85,15 +88,21 @@ def ctx(tmp_path_factory):
     return Context(root)
 
 
+def forbidden(*args, **kwargs):
+    raise AssertionError("a model or data set was loaded before the input was refused")
+
+
 @pytest.fixture(autouse=True)
 def no_loading(monkeypatch):
-    """Loading a model, tokenizer or dataset is an error here: every check must come first."""
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("a model or data set was loaded before the input was refused")
-
-    for name in ("load_model", "load_tokenizer", "load_data"):
-        monkeypatch.setattr(hfprune.run, name, forbidden)
+    """Loading a model, tokenizer or dataset is an error here: every check must come first. Forbidden at every
+    door: the run module's steps (which run and sweep call through the module), each task's own loading methods,
+    and the data loaders and the fine-tune stage behind them."""
+    for name in ("load_model", "load_tokenizer", "load_data", "read_data", "finetune"):
+        monkeypatch.setattr(hfprune.pipeline.run, name, forbidden)
+    for task in TASKS.values():
+        for name in ("load_model", "load_tokenizer", "prepare_data"):
+            monkeypatch.setattr(task, name, forbidden)
+    monkeypatch.setattr(hfprune.data.teachers, "movie_review_teacher", forbidden)
 
 
 def model_state(model) -> tuple:
@@ -462,19 +471,19 @@ def _sweep(id_, call, error, names):
 
 
 SWEEP = [
-    _sweep("ratio-above-one", lambda c: hfprune.run.sweep(load_recipe(None), [0.5, 1.5]), ValueError, "1.5"),
-    _sweep("ratio-zero", lambda c: hfprune.run.sweep(load_recipe(None), [0]), ValueError, "ratio 0"),
-    _sweep("ratios-str", lambda c: hfprune.run.sweep(load_recipe(None), "0.5"), ValueError, "'0.5'"),
-    _sweep("ratios-empty", lambda c: hfprune.run.sweep(load_recipe(None), []), ValueError, "ratios=[]"),
-    _sweep("ratio-True", lambda c: hfprune.run.sweep(load_recipe(None), [True]), ValueError, "True"),
-    _sweep("key-head_ratio", lambda c: hfprune.run.sweep(load_recipe(None), [0.5], key="head_ratio"), ValueError,
-           "'head_ratio'"),
-    _sweep("recipe-dict", lambda c: hfprune.run.sweep(yaml.safe_load(DEFAULT_RECIPE_YAML), [0.5]), TypeError,
+    _sweep("ratio-above-one", lambda c: sweep(load_recipe(None), [0.5, 1.5]), ValueError, "1.5"),
+    _sweep("ratio-zero", lambda c: sweep(load_recipe(None), [0]), ValueError, "ratio 0"),
+    _sweep("ratios-str", lambda c: sweep(load_recipe(None), "0.5"), ValueError, "'0.5'"),
+    _sweep("ratios-empty", lambda c: sweep(load_recipe(None), []), ValueError, "ratios=[]"),
+    _sweep("ratio-True", lambda c: sweep(load_recipe(None), [True]), ValueError, "True"),
+    _sweep("key-head_ratio", lambda c: sweep(load_recipe(None), [0.5], key="head_ratio"),
+           ValueError, "'head_ratio'"),
+    _sweep("recipe-dict", lambda c: sweep(yaml.safe_load(DEFAULT_RECIPE_YAML), [0.5]), TypeError,
            "dict"),
-    _sweep("gradual-recipe", lambda c: hfprune.run.sweep(load_recipe(
+    _sweep("gradual-recipe", lambda c: sweep(load_recipe(
         {**yaml.safe_load(DEFAULT_RECIPE_YAML), "method": "gradual", "training": {}}), [0.5]), ValueError,
         "method: oneshot"),
-    _sweep("key-against-per_layer-scope", lambda c: hfprune.run.sweep(load_recipe(
+    _sweep("key-against-per_layer-scope", lambda c: sweep(load_recipe(
         None, ["--pruning.macs_ratio=null", "--pruning.head_ratio=0.5"]), [0.5]), ValueError, "scope='per_layer'"),
 ]
 
@@ -502,6 +511,22 @@ API = CONFIG + SCHEDULE + DISTILL + DISTILL_TRAINER + PRUNE + APPLY + CALLBACK +
 @pytest.mark.parametrize("bad", API, ids=lambda b: b.id)
 def test_api_refuses_bad_input(ctx, bad):
     check_refused(ctx, bad)
+
+
+@pytest.mark.parametrize("entry", ["run", "sweep", "task", "teacher"])
+def test_the_loading_guard_holds_at_every_door(ctx, entry):
+    """The guard above is no empty promise: valid input gets as far as loading, and loading is refused, whether
+    the run, the sweep, a task object or the fine-tune stage (the cached teacher) would load."""
+    raw = {"name": "guard", "model": {"path": str(ctx.root / "ckpt")}, "pruning": {"macs_ratio": 0.5},
+           "output": {"dir": str(ctx.root / "guard-out")}}
+    recipe = load_recipe(raw)
+    calls = {"run": lambda: hfprune.pipeline.run.run(recipe, save=False), "sweep": lambda: sweep(recipe, [0.5]),
+             "task": lambda: TASKS[recipe.model.task]().load_model(ctx.root / "ckpt", recipe.model),
+             "teacher": lambda: hfprune.pipeline.run.run(load_recipe(None), save=False)}
+    disk_before = disk_state(ctx.root)
+    with pytest.raises(AssertionError, match="loaded before the input was refused"):
+        calls[entry]()
+    assert disk_state(ctx.root) == disk_before
 
 
 # ---- recipes ---------------------------------------------------------------------------------------------------

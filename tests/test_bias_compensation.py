@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfprune
-from hfprune.apply import apply_plan, model_dims
-from hfprune.importance import get_importance
-from hfprune.recovery import compensate_biases, compensation, tunable_blocks
-from hfprune.select import to_plan
+from hfprune.core.apply import apply_plan, model_dims
+from hfprune.pruning.budget import to_plan
+from hfprune.pruning.importance import get_importance
+from hfprune.pruning.recovery import compensate_biases, compensation, tunable_blocks
 
 from .cases import CASES
 

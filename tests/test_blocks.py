@@ -1,4 +1,4 @@
-"""The one walk over a model (hfprune.blocks), for every registered adapter: it visits every block of the spec in
+"""The one walk over a model (hfprune.core.blocks), for every registered adapter: it visits every block of the spec in
 forward order, the weight slices it names for a set of units are exactly what slicing those units removes, and its
 weight views see through LoRA as peft's own merge does."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.apply import unwrap
-from hfprune.arch import get_adapter
-from hfprune.blocks import BlockKey, get_block, iter_blocks, iter_layers, merged_weight, weight_out_in
-from hfprune.structure import get_module
+from hfprune.core.apply import unwrap
+from hfprune.core.arch import get_adapter
+from hfprune.core.blocks import BlockKey, get_block, iter_blocks, iter_layers, merged_weight, weight_out_in
+from hfprune.core.structure import get_module
 
 from .cases import CASES, random_plan
 from .test_exactness import _run, assert_close

@@ -5,9 +5,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 from hfprune import PruningConfig
-from hfprune.callback import STATE_FILE, PruningCallback
-from hfprune.cost import estimate
-from hfprune.schedule import ScheduleConfig
+from hfprune.core.cost import estimate
+from hfprune.pruning.callback import STATE_FILE, PruningCallback
+from hfprune.pruning.schedule import ScheduleConfig
 
 from .scripts.mp_train import tiny_bert, toy_data
 

@@ -11,7 +11,7 @@ import transformers as T
 import yaml
 
 import hfprune
-from hfprune.cli import main
+from hfprune.pipeline.cli import main
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -147,12 +147,12 @@ def test_sweep_draws_pareto(ran, capsys):
 
 
 def test_sweep_honours_bias_compensation(ran, monkeypatch):
-    import hfprune.recovery
+    import hfprune.pruning.recovery
 
     _, _, _, root = ran
     calls = []
-    real = hfprune.recovery.compensate_biases
-    monkeypatch.setattr(hfprune.recovery, "compensate_biases", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hfprune.pruning.recovery.compensate_biases
+    monkeypatch.setattr(hfprune.pruning.recovery, "compensate_biases", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert main(["sweep", str(root / "tiny.yaml"), "--ratios", "0.5", "--output.dir", str(root / "swb"),
                  "--pruning.criterion=fluctuation", "--pruning.bias_compensation=true",
                  "--evaluation.latency_rounds=1"]) == 0
@@ -253,8 +253,8 @@ def test_forecast_mase_scores_each_window_and_channel_as_one_series(tmp_path):
     import numpy as np
 
     from hfprune.data.timeseries import ForecastCollator
-    from hfprune.recipe import load_recipe
-    from hfprune.run import evaluate_model
+    from hfprune.pipeline.recipe import load_recipe
+    from hfprune.pipeline.run import evaluate_model
 
     model = T.PatchTSTForPrediction.from_pretrained(patchtst_dir(tmp_path / "model")).eval()
     rows = series_windows()["test"]
@@ -279,8 +279,8 @@ def test_forecast_mase_scores_each_window_and_channel_as_one_series(tmp_path):
     ("forecasting", patchtst_dir, "tests.test_cli:series_windows", ["mse", "mae", "mase"]),
 ])
 def test_other_tasks_run(tmp_path, task, build, loader, metric_names):
-    from hfprune.recipe import load_recipe
-    from hfprune.run import run
+    from hfprune.pipeline.recipe import load_recipe
+    from hfprune.pipeline.run import run
 
     recipe = load_recipe({
         "name": task, "model": {"path": str(build(tmp_path / "model")), "task": task},

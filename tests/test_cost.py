@@ -7,8 +7,9 @@ import torch
 import transformers as T
 
 import hfprune
-from hfprune.apply import model_dims
-from hfprune.cost import estimate
+from hfprune.core.apply import model_dims
+from hfprune.core.blocks import iter_blocks
+from hfprune.core.cost import estimate, unit_costs
 
 from .cases import CASES, random_plan
 
@@ -127,3 +128,28 @@ def test_seq_len_below_one_raises(seq_len):
                                      intermediate_size=8, max_position_embeddings=16))
     with pytest.raises(ValueError, match="seq_len"):
         estimate(model, seq_len=seq_len)
+
+
+@pytest.mark.parametrize("model_type", sorted(CASES))
+def test_unit_costs_are_what_removing_a_unit_saves(model_type):
+    """``unit_costs`` (which selection and ``estimate`` share): removing one neuron, or one key/value group's heads,
+    from layer 0 saves its weights and biases in the sliced model, and its MACs in the estimate."""
+    dense = _dense(model_type)
+    seq = 8
+    checked = 0
+    for block in iter_blocks(dense):
+        if block.key.index != 0:
+            continue
+        unit = unit_costs(block, seq)
+        group = unit.group
+        if unit.units <= group:  # removing a whole group would empty the block: another cost (tested above)
+            continue
+        plan = {key: [{} for _ in layers] for key, layers in model_dims(dense).items()}
+        plan[block.key.stack][0][block.key.name] = list(range(group, unit.units))  # all but group 0
+        saved_params = group * (unit.params + unit.bias) + unit.kv_params + unit.kv_bias
+        sliced = hfprune.apply_plan(copy.deepcopy(dense), plan)
+        assert _numel(dense) - _numel(sliced) == saved_params, block.key
+        assert estimate(dense, seq_len=seq).macs - estimate(dense, plan, seq_len=seq).macs == \
+            group * unit.macs + unit.kv_macs, block.key
+        checked += 1
+    assert checked

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from hfprune import PruningConfig
-from hfprune.callback import PruningCallback
 from hfprune.distill import (
     DistillationConfig,
     DistillationTrainer,
@@ -19,7 +18,8 @@ from hfprune.distill import (
     prediction_mse_loss,
 )
 from hfprune.distill.trainer import PROJECTION_FILE
-from hfprune.schedule import ScheduleConfig
+from hfprune.pruning.callback import PruningCallback
+from hfprune.pruning.schedule import ScheduleConfig
 
 from .scripts.mp_train import tiny_bert, toy_data
 

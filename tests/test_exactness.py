@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.masking import masked
+from hfprune.core.masking import masked
 
 from .cases import CASES, random_plan
 

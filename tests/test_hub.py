@@ -10,8 +10,8 @@ import transformers as T
 from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import RepositoryNotFoundError
 
-from hfprune.cli import main
-from hfprune.hub import HubPushError, push_to_hub
+from hfprune.pipeline.cli import main
+from hfprune.pipeline.hub import HubPushError, push_to_hub
 
 from .hub_server import TOKEN, HubServer
 from .test_cli import tiny_recipe

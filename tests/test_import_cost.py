@@ -20,8 +20,8 @@ def test_import_hfprune_loads_no_heavy_module():
 
 
 def test_cli_help_loads_no_heavy_module():
-    code = "import contextlib, io, hfprune.cli\nwith contextlib.redirect_stdout(io.StringIO()):\n" \
-           "    assert hfprune.cli.main(['--help']) == 0"
+    code = "import contextlib, io, hfprune.pipeline.cli\nwith contextlib.redirect_stdout(io.StringIO()):\n" \
+           "    assert hfprune.pipeline.cli.main(['--help']) == 0"
     assert _loaded_after(code) == dict.fromkeys(HEAVY, False)
 
 

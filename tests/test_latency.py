@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.latency import BlockLatency, LatencyTable, fit_line, measure
-from hfprune.masking import Masks
+from hfprune.core.masking import Masks
+from hfprune.pruning.latency import BlockLatency, LatencyTable, fit_line, measure
 
 from .cases import CASES
 
@@ -93,9 +93,9 @@ def test_a_synthetic_table_steers_selection():
 
 
 def test_latency_budget_needs_a_table_or_measures_one():
-    from hfprune.oneshot import select_kept
+    from hfprune.pruning.oneshot import select_kept
 
     model = CASES["bert"].build("eager")
     config = hfprune.PruningConfig(criterion="magnitude", latency_ratio=0.5)
     with pytest.raises(ValueError, match="needs a latency table"):
-        select_kept(model, hfprune.importance.get_importance("magnitude").score(model), config)
+        select_kept(model, hfprune.pruning.importance.get_importance("magnitude").score(model), config)

@@ -15,9 +15,9 @@ from transformers import dynamic_module_utils
 
 import hfprune
 from hfprune import PrunePlan
-from hfprune.apply import model_dims
-from hfprune.modeling.classes import HfprunedModel, original_class
-from hfprune.modeling.save import MODELING_FILE, PLAN_FILE
+from hfprune.core.apply import model_dims
+from hfprune.core.checkpoint.classes import HfprunedModel, original_class
+from hfprune.core.checkpoint.save import MODELING_FILE, PLAN_FILE
 
 from .cases import CASES
 
@@ -273,7 +273,7 @@ def _bert_8_heads(plan):
 
 @pytest.mark.parametrize("how", ["save_pretrained", "plain", "trainer"])
 def test_report_shows_the_dense_sizes(tmp_path, how, no_remote_code):
-    from hfprune.report import report
+    from hfprune.pipeline.report import report
 
     if how == "plain":
         model = _bert_8_heads({"layers": [{"ffn": list(range(112))}, {"ffn": list(range(100, 212))}]})
@@ -292,7 +292,7 @@ def test_report_shows_the_dense_sizes(tmp_path, how, no_remote_code):
 
 
 def test_card_base_model_is_a_hub_id_or_absent(tmp_path):
-    from hfprune.card import card_data
+    from hfprune.pipeline.card import card_data
 
     base = {"metrics": {}, "params": {"after": 1}, "macs": {"after": 1, "seq_len": 8}}
     assert card_data({**base, "base_model": "asset:minilm"}).base_model is None
@@ -303,7 +303,7 @@ def test_card_base_model_is_a_hub_id_or_absent(tmp_path):
 
 
 def test_card_of_a_saved_checkpoint_names_the_hub_model_it_came_from(tmp_path):
-    from hfprune.card import build_card
+    from hfprune.pipeline.card import build_card
 
     dense = _build()
     dense.config._name_or_path = "org/tiny-bert"  # as from_pretrained("org/tiny-bert") sets it
@@ -315,8 +315,8 @@ def test_card_of_a_saved_checkpoint_names_the_hub_model_it_came_from(tmp_path):
 
 
 def test_run_loads_pruned_checkpoints_without_their_code(tmp_path, no_remote_code):
-    from hfprune.recipe import load_recipe
-    from hfprune.run import load_model
+    from hfprune.pipeline.recipe import load_recipe
+    from hfprune.pipeline.run import load_model
 
     model, directory = _pruned(tmp_path, HETERO)
     recipe = load_recipe({"name": "again", "method": "oneshot",
@@ -329,7 +329,7 @@ def test_run_loads_pruned_checkpoints_without_their_code(tmp_path, no_remote_cod
 
 
 def test_push_refuses_an_inconsistent_checkpoint(tmp_path):
-    from hfprune.hub import HubPushError, check_checkpoint
+    from hfprune.pipeline.hub import HubPushError, check_checkpoint
 
     _, directory = _pruned(tmp_path, HETERO)
     check_checkpoint(directory)
@@ -365,7 +365,7 @@ def test_prune_command_prunes_a_pruned_checkpoint_again(tmp_path, no_remote_code
     import contextlib
     import io
 
-    from hfprune.cli import main
+    from hfprune.pipeline.cli import main
 
     from .cases import random_plan
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from hfprune.masking import Masks, masked
+from hfprune.core.masking import Masks, masked
 
 from .cases import CASES, random_plan
 

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 import hfprune
-from hfprune.cost import estimate
-from hfprune.masking import masked
+from hfprune.core.cost import estimate
+from hfprune.core.masking import masked
 
 pytestmark = pytest.mark.slow
 

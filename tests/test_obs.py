@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.apply import apply_plan, model_dims
-from hfprune.blocks import weight_out_in
-from hfprune.calibration import token_rows
-from hfprune.obs import damped_inverse, drop_columns, greedy_drop, reconstruct
-from hfprune.recovery import tunable_blocks
-from hfprune.select import to_plan
+from hfprune.core.apply import apply_plan, model_dims
+from hfprune.core.blocks import weight_out_in
+from hfprune.core.calibration import token_rows
+from hfprune.pruning.budget import to_plan
+from hfprune.pruning.recovery import tunable_blocks
+from hfprune.pruning.recovery.obs import damped_inverse, drop_columns, greedy_drop, reconstruct
 
 from .cases import CASES
 
@@ -198,7 +198,7 @@ def test_dora_is_refused():
 
 
 def test_a_failure_half_way_restores_every_weight(monkeypatch):
-    import hfprune.obs as obs
+    import hfprune.pruning.recovery.obs as obs
 
     case = CASES["llama"]
     model = case.build("eager").eval()
@@ -264,3 +264,13 @@ def test_plan_after_obs_is_applied_on_the_reconstructed_weights():
     probe = case.inputs(4)
     with torch.no_grad():
         assert torch.allclose(model(**probe).logits, dense_equivalent(**probe).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("old", ["hfprune.pruning.obs", "hfprune.obs", "hfprune.recovery.obs"])
+def test_old_import_paths_are_this_module(old):
+    import importlib
+
+    import hfprune.pruning.recovery.obs
+
+    module = importlib.import_module(old)
+    assert module is hfprune.pruning.recovery.obs and module.reconstruct is hfprune.pruning.recovery.reconstruct

@@ -2,7 +2,7 @@
 
 peft wraps each targeted linear in a ``lora.Linear`` holding ``base_layer``, ``lora_A``/``lora_B`` and, for
 DoRA, ``lora_magnitude_vector``. ``hfprune.apply_plan`` slices those wrappers in place (duck-typed in
-``hfprune.structure``), so a pruned adapter model can be evaluated, merged, trained further and saved.
+``hfprune.core.structure``), so a pruned adapter model can be evaluated, merged, trained further and saved.
 
 Every test uses the heterogeneous plan of ``random_plan``: layer 0 loses all heads, layer 1 all FFN neurons,
 layer 2 is dropped (and the other block of layers 0 and 1 keeps a random subset).
@@ -18,10 +18,10 @@ peft = pytest.importorskip("peft")
 import transformers  # noqa: E402
 
 import hfprune  # noqa: E402
-from hfprune.apply import unwrap  # noqa: E402
-from hfprune.arch import get_adapter  # noqa: E402
-from hfprune.masking import masked  # noqa: E402
-from hfprune.structure import EmptyAttention, get_module  # noqa: E402
+from hfprune.core.apply import unwrap  # noqa: E402
+from hfprune.core.arch import get_adapter  # noqa: E402
+from hfprune.core.masking import masked  # noqa: E402
+from hfprune.core.structure import EmptyAttention, get_module  # noqa: E402
 
 from .cases import CASES, random_plan  # noqa: E402
 from .test_exactness import assert_close  # noqa: E402

@@ -6,7 +6,7 @@ import pytest
 
 import hfprune
 from hfprune import PlanError, PrunePlan
-from hfprune.apply import compose
+from hfprune.core.apply import compose
 
 from .cases import CASES
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hfprune.recipe import DEFAULT_RECIPE_YAML, RecipeError, load_recipe, parse_overrides, recipe_files
+from hfprune.pipeline.recipe import DEFAULT_RECIPE_YAML, RecipeError, load_recipe, parse_overrides, recipe_files
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = recipe_files(ROOT / "recipes")
@@ -73,7 +73,7 @@ def test_training_section_checks_trainingarguments_fields():
 
 def test_sections_build_their_dataclasses():
     from hfprune.distill import DistillationConfig
-    from hfprune.schedule import ScheduleConfig
+    from hfprune.pruning.schedule import ScheduleConfig
 
     recipe = load_recipe({**BASE, "method": "gradual", "training": {}, "schedule": {"kind": "iterative", "rounds": 2},
                           "distillation": {"alpha": 0.7}})

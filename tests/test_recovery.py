@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.masking import Masks
-from hfprune.recovery import (
+from hfprune.core.masking import Masks
+from hfprune.pruning.recovery import (
     fold_scales,
     normal_equations,
     quadratic_loss,
@@ -110,10 +110,10 @@ def test_tuning_lowers_the_block_error_of_a_pruned_layer():
     hook = layer.output.dense.register_forward_hook(lambda m, a, o: outputs.__setitem__("y", o.detach()))
     with torch.no_grad():
         dense = [(model(**b), outputs["y"])[1] for b in batches]
-        with hfprune.masking.masked(model, {"layers": [{"ffn": kept[("layers", 0, "ffn")]}, {}, {}]}):
+        with hfprune.core.masking.masked(model, {"layers": [{"ffn": kept[("layers", 0, "ffn")]}, {}, {}]}):
             before = [(model(**b), outputs["y"])[1] for b in batches]
         scales = tune_scales(model, kept, batches)
-        with hfprune.masking.masked(model, {"layers": [{"ffn": kept[("layers", 0, "ffn")]}, {}, {}]}):
+        with hfprune.core.masking.masked(model, {"layers": [{"ffn": kept[("layers", 0, "ffn")]}, {}, {}]}):
             after = [(model(**b), outputs["y"])[1] for b in batches]
     hook.remove()
     assert ("layers", 0, "ffn") in scales

@@ -25,10 +25,10 @@ import transformers as T
 from safetensors.torch import load_file, save_file
 
 import hfprune
-from hfprune.apply import model_dims
-from hfprune.modeling import save as save_module
-from hfprune.modeling import transaction
-from hfprune.modeling.classes import original_class
+from hfprune.core.apply import model_dims
+from hfprune.core.checkpoint import save as save_module
+from hfprune.core.checkpoint import transaction
+from hfprune.core.checkpoint.classes import original_class
 
 from .cases import CASES, random_plan
 

@@ -1,5 +1,5 @@
 """Saving a pruned model never deletes the user's files, and a failed or killed save leaves the old checkpoint or
-the new one, whole (``hfprune.modeling.transaction``)."""
+the new one, whole (``hfprune.core.checkpoint.transaction``)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 import transformers as T
 
 import hfprune
-from hfprune.hub import _files as pushed_files
-from hfprune.modeling import transaction
-from hfprune.modeling.save import MODELING_FILE
+from hfprune.core.checkpoint import transaction
+from hfprune.core.checkpoint.save import MODELING_FILE
+from hfprune.pipeline.hub import _files as pushed_files
 
 REMOTE = {"layers": [{"heads": [0, 3], "ffn": list(range(10))}, {}]}  # per-layer: saved with remote code
 PLAIN = {"layers": [{"ffn": list(range(0, 64, 2))}, {"ffn": list(range(32))}]}  # uniform FFN: a plain checkpoint
@@ -332,8 +332,8 @@ def test_marker_paths_cannot_leave_the_folder(tmp_path):
 
 
 def test_run_output_keeps_the_folders_other_files(tmp_path, monkeypatch):
-    from hfprune.recipe import load_recipe
-    from hfprune.run import run, save_run
+    from hfprune.pipeline.recipe import load_recipe
+    from hfprune.pipeline.run import run, save_run
 
     from .test_cli import tiny_recipe
 
@@ -353,13 +353,13 @@ def test_run_output_keeps_the_folders_other_files(tmp_path, monkeypatch):
                                                                               "plots/importance.png"]
 
     # a run that fails while writing its output leaves the previous output, byte for byte
-    import hfprune.card
+    import hfprune.pipeline.card
 
     def broken_card(*args, **kwargs):
         raise RuntimeError("card failed")
 
     tokenizer = T.AutoTokenizer.from_pretrained(recipe.model.path)
-    monkeypatch.setattr(hfprune.card, "build_card", broken_card)
+    monkeypatch.setattr(hfprune.pipeline.card, "build_card", broken_card)
     with pytest.raises(RuntimeError, match="card failed"):
         save_run(recipe, result.model, tokenizer, dict(result.results), result.scores)
     monkeypatch.undo()

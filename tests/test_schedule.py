@@ -3,7 +3,7 @@
 import pytest
 
 from hfprune import PruningConfig
-from hfprune.schedule import ScheduleConfig, budget_at, cubic_fraction, fraction_at, prune_steps
+from hfprune.pruning.schedule import ScheduleConfig, budget_at, cubic_fraction, fraction_at, prune_steps
 
 
 def test_oneshot_prunes_everything_at_its_step():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hfprune import PlanError
-from hfprune.select import Block, select_global, select_per_layer, to_plan, units
+from hfprune.pruning.budget import Block, select_global, select_per_layer, to_plan, units
 
 
 def _blocks():
@@ -66,7 +66,7 @@ def test_to_plan_marks_whole_blocks_null():
 
 
 def test_uniform_keeps_the_same_counts_in_every_layer_within_budget():
-    from hfprune.select import select_uniform
+    from hfprune.pruning.budget import select_uniform
 
     g = torch.Generator().manual_seed(0)
     blocks = [Block(("layers", i, "heads"), torch.rand(4, generator=g), unit_cost=10.0) for i in range(2)]
@@ -83,7 +83,7 @@ def test_uniform_keeps_the_same_counts_in_every_layer_within_budget():
 
 
 def test_uniform_with_gqa_groups_and_errors():
-    from hfprune.select import select_uniform
+    from hfprune.pruning.budget import select_uniform
 
     att = [Block(("layers", i, "heads"), torch.tensor([1.0, 1.0, 5.0, 0.0]), 1.0, group=2, kv_unit_cost=1.0)
            for i in range(3)]
@@ -97,7 +97,7 @@ def test_uniform_with_gqa_groups_and_errors():
 
 
 def test_normalized_scores_rank_heads_and_neurons_by_their_share_of_their_block():
-    from hfprune.select import normalize
+    from hfprune.pruning.budget import normalize
 
     # the same spread of scores in both blocks: a 50% budget must cut heads and neurons alike, not drop the
     # costly heads first

@@ -12,8 +12,9 @@ from torch import nn
 
 from . import structure
 from .arch import Adapter, get_adapter
+from .blocks import iter_blocks, iter_stacks
 from .plan import ATTENTION_BLOCKS, PlanError, PrunePlan, hub_id
-from .structure import HFPRUNE_CONFIG_KEY, ArchSpec, attention_dims, ffn_width, get_module
+from .structure import HFPRUNE_CONFIG_KEY, ArchSpec, attention_dims, get_module
 
 logger = logging.getLogger("hfprune")
 
@@ -35,17 +36,10 @@ def model_dims(model: nn.Module, spec: ArchSpec | None = None) -> dict:
     """Per stack, per layer, per block: ``(heads, kv_heads)`` for attention and ``(neurons,)`` for FFNs."""
     model = unwrap(model)
     spec = spec or get_adapter(model).arch_spec(model.config)
-    dims = {}
-    for key, stack in spec.stacks.items():
-        dims[key] = []
-        for layer in get_module(model.base_model, stack.layers):
-            blocks = {}
-            for name, attn in stack.attention.items():
-                heads, kv_heads, _ = attention_dims(layer, attn)
-                blocks[name] = (heads, kv_heads)
-            for name, ffn in stack.ffn.items():
-                blocks[name] = (ffn_width(layer, ffn),)
-            dims[key].append(blocks)
+    dims = {key: [{} for _ in layers] for key, _, layers in iter_stacks(model, spec)}
+    for block in iter_blocks(model, spec):
+        units, kv_units, _ = block.dims()
+        dims[block.key.stack][block.key.index][block.key.name] = (units, kv_units) if block.is_attention else (units,)
     return dims
 
 

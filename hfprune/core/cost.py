@@ -5,7 +5,8 @@ Costs come from the projection shapes of the model as it is, scaled by what a pl
 anything; so ``estimate(dense, plan).params`` predicts ``sum(p.numel())`` of ``apply_plan(dense, plan)``.
 MACs count the projections (one MAC per weight per token) and the attention products (``QK^T`` and
 ``AV``: ``2 * heads * head_dim * seq_len`` per query token), for a self-attention length ``seq_len``; cross
-attention is counted with the same length on both sides.
+attention is counted with the same length on both sides. Both come from :func:`unit_costs`, the per-head /
+per-key/value-group / per-neuron costs that the budgets' selection (``hfprune.oneshot.blocks_for``) uses too.
 """
 
 from __future__ import annotations
@@ -58,13 +59,67 @@ def _bias(module: nn.Module) -> int:
     return 0 if b is None else b.numel()
 
 
+@dataclass(frozen=True)
+class UnitCost:
+    """What one unit of a block costs, as the block is now: so what removing it saves, and what keeping ``n`` of
+    them costs. The one cost model: :func:`estimate` and the budgets' selection both build on it.
+
+    Per query head or neuron: ``params`` weights (a head's q rows and output-projection columns, with its k and v
+    rows too when q/k/v are fused; a neuron's up/gate rows and down column), ``bias`` bias entries, ``macs`` at
+    ``seq_len`` (one per weight per token, plus a head's ``QK^T`` and ``AV``). Per key/value group (its k and v
+    rows; zero for a fused q/k/v and for FFNs): ``kv_params``, ``kv_bias``, ``kv_macs``. ``group``: query heads
+    per key/value group (1 for FFNs). ``out_bias``: the output projection's bias, kept while any unit is.
+
+    Selection budgets count weights only (``params``, ``kv_params``): the biases of the units a plan removes stay
+    in its fixed cost, so a parameter budget's plan ends below the budget by those biases.
+    """
+
+    units: int
+    group: int
+    params: int
+    bias: int
+    macs: int
+    kv_params: int = 0
+    kv_bias: int = 0
+    kv_macs: int = 0
+    out_bias: int = 0
+
+    def kept_params(self, n: int, n_kv: int) -> int:
+        """Parameters of the block's projections with ``n`` units and ``n_kv`` key/value groups kept."""
+        return n * (self.params + self.bias) + n_kv * (self.kv_params + self.kv_bias) + self.out_bias
+
+    def kept_macs(self, n: int, n_kv: int) -> int:
+        return n * self.macs + n_kv * self.kv_macs
+
+
+def unit_costs(block: Block, seq_len: int) -> UnitCost:
+    """Per-unit costs of ``block`` (a block that still has its projections: not an emptied one)."""
+    o = block.output_projection()
+    if not block.is_attention:
+        ups = block.input_projections()
+        params = sum(in_features(u) for u in ups) + out_features(o)
+        return UnitCost(units=block.units, group=1, params=params, bias=sum(1 for u in ups if _bias(u)),
+                        macs=seq_len * params, out_bias=_bias(o))
+    heads, kv_heads, head_dim = block.dims()
+    projs = block.input_projections()
+    hidden = in_features(projs[0])
+    o_cols = head_dim * out_features(o)
+    if block.spec.fused_qkv:  # every head carries its own k and v rows
+        params, bias = 3 * hidden * head_dim + o_cols, 3 * head_dim if _bias(projs[0]) else 0
+        kv_params, kv_bias = 0, 0
+    else:
+        params, bias = hidden * head_dim + o_cols, head_dim if _bias(projs[0]) else 0
+        kv_params, kv_bias = 2 * hidden * head_dim, head_dim * sum(1 for p in projs[1:] if _bias(p))
+    return UnitCost(units=heads, group=heads // kv_heads if kv_heads else 1, params=params, bias=bias,
+                    macs=seq_len * params + 2 * head_dim * seq_len * seq_len, kv_params=kv_params, kv_bias=kv_bias,
+                    kv_macs=seq_len * kv_params, out_bias=_bias(o))
+
+
 def _attention_cost(block: Block, keep, seq_len: int) -> tuple:
     """(params now, params kept, MACs kept, kept heads) of one attention block."""
     if block.is_empty():
         return _numel(block.module()), _numel(block.module()), 0, 0
-    heads, kv_heads, head_dim = block.dims()
     spec = block.spec
-    projs = block.input_projections()
     o = block.output_projection()
     now = sum(_numel(p) for p in block.projections())
     if keep is not None and len(keep) == 0:
@@ -73,37 +128,23 @@ def _attention_cost(block: Block, keep, seq_len: int) -> tuple:
         inside = spec.o.startswith(spec.module + ".") if spec.module else True
         now = _numel(block.module()) + (0 if inside else _numel(o))
         return now, _bias(o), 0, 0
-    n = heads if keep is None else len(keep)
-    n_kv = kv_heads if keep is None else len({h // (heads // kv_heads) for h in keep})
-    hidden = in_features(projs[0])
-    if spec.fused_qkv:
-        qkv_out = 3 * n * head_dim
-        qkv_macs = hidden * qkv_out
-        qkv_params = qkv_macs + (qkv_out if _bias(projs[0]) else 0)
-    else:
-        widths = (n * head_dim, n_kv * head_dim, n_kv * head_dim)
-        qkv_macs = sum(hidden * w for w in widths)
-        qkv_params = qkv_macs + sum(w for w, p in zip(widths, projs) if _bias(p))
-    o_macs = n * head_dim * out_features(o)
-    kept = qkv_params + o_macs + _bias(o)
-    macs = seq_len * (qkv_macs + o_macs) + 2 * n * head_dim * seq_len * seq_len
-    return now, kept, macs, n
+    unit = unit_costs(block, seq_len)
+    n = unit.units if keep is None else len(keep)
+    n_kv = unit.units // unit.group if keep is None else len({h // unit.group for h in keep})
+    return now, unit.kept_params(n, n_kv), unit.kept_macs(n, n_kv), n
 
 
 def _ffn_cost(block: Block, keep, seq_len: int) -> tuple:
     """(params now, params kept, MACs kept, kept neurons) of one FFN block."""
     if block.is_empty():
         return _numel(block.module()), _numel(block.module()), 0, 0
-    ups = block.input_projections()
-    down = block.output_projection()
     now = sum(_numel(p) for p in block.projections())
     if keep is not None and len(keep) == 0 and block.spec.module is not None:
         # The whole block becomes an EmptyFfn that keeps only the down projection's bias.
-        return _numel(block.module()), _bias(down), 0, 0
-    n = out_features(ups[0]) if keep is None else len(keep)
-    per_token = sum(in_features(u) * n for u in ups) + n * out_features(down)
-    kept = per_token + sum(n for u in ups if _bias(u)) + _bias(down)
-    return now, kept, seq_len * per_token, n
+        return _numel(block.module()), _bias(block.output_projection()), 0, 0
+    unit = unit_costs(block, seq_len)
+    n = unit.units if keep is None else len(keep)
+    return now, unit.kept_params(n, 0), unit.kept_macs(n, 0), n
 
 
 def estimate(model: nn.Module, plan=None, seq_len: int = 128) -> CostReport:

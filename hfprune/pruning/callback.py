@@ -8,10 +8,13 @@ zero gradient and are reset to zero after every optimizer step, so momentum and 
 When training ends the model is sliced in place (``apply_plan``), and ``trainer.save_model()`` writes a pruned
 checkpoint that reloads with ``from_pretrained(dir, trust_remote_code=True)``.
 
-Scores come from the run itself: ``fisher`` / ``taylor`` from the gradients of the gates (squared / absolute,
-per optimizer step, averaged over ranks like DDP averages parameter gradients), ``activation`` from the inputs
-of the output projections, ``magnitude`` / ``random`` from the weights; or, with ``calibration``, from
-``hfprune.importance`` on that data at each pruning step. Scores accumulate between two pruning steps.
+Scores come from the run itself, in the form each criterion declares (``Importance.training_signal``): from the
+gates' gradients at each optimizer step (averaged over ranks like DDP averages parameter gradients; ``fisher``
+squares them, ``taylor`` takes their absolute value: see :mod:`hfprune.importance.taylor` for how that differs
+from one-shot Taylor), from the inputs of the output projections (``activation``), or, for a criterion that reads
+only the weights (``magnitude``, ``random``), from the weights at each pruning step. With ``calibration``, the
+criterion scores that data at each pruning step, as one-shot pruning does. Scores accumulate between two pruning
+steps.
 
 Layers are never dropped during training (a dropped layer's parameters would get no gradient and DDP would
 need ``find_unused_parameters``); a layer may lose all its heads and neurons, which compaction turns into
@@ -32,21 +35,19 @@ from transformers.utils import logging
 
 from ..core import cost
 from ..core.apply import apply_plan, as_model
-from ..core.arch import get_adapter
+from ..core.blocks import get_block
+from ..core.calibration import calibration_batches, check_batches, token_rows, watch_output_projections
 from ..core.masking import Masks
 from ..core.plan import PlanError, PrunePlan
-from ..core.structure import attention_dims, base_layer, get_module, head_rows, is_conv1d
 from .config import PruningConfig, require_config
-from .importance import get_importance
-from .importance.activation import token_rows, watch_output_projections
-from .importance.base import calibration_batches, check_batches
+from .importance.base import ACTIVATIONS, GATE_GRADIENTS, WEIGHTS
 from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
 
 logger = logging.get_logger(__name__)
 
 STATE_FILE = "hfprune_pruning_state.json"
 STATE_FORMAT = 1
-GATE_CRITERIA = ("fisher", "taylor")  # scored from gate gradients during training
+CALIBRATION = "calibration"  # a score source besides the criteria's signals: the given calibration batches
 
 
 class PruningCallback(TrainerCallback):
@@ -93,15 +94,14 @@ class PruningCallback(TrainerCallback):
         self.config = config
         self.schedule = schedule if schedule is not None else ScheduleConfig(kind="gradual")
         self.calibration = calibration
-        criterion = get_importance(config.criterion, **({"seed": config.seed} if config.criterion == "random" else {}))
+        # built once for its training-time form and for calibration scoring; no recovery runs here
+        self.criterion = config.build_importance(for_recovery=False)
         if calibration is not None:
-            self.source = "calibration"
-        elif config.criterion in GATE_CRITERIA:
-            self.source = "gradients"
-        elif config.criterion == "activation":
-            self.source = "activations"
-        elif not criterion.needs_data:
-            self.source = "weights"
+            self.source = CALIBRATION
+        elif not self.criterion.needs_data:
+            self.source = WEIGHTS
+        elif self.criterion.training_signal is not None:
+            self.source = self.criterion.training_signal
         else:
             raise ValueError(f"criterion {config.criterion!r} cannot score from training; pass calibration batches")
         self.masks: Masks | None = None
@@ -171,15 +171,15 @@ class PruningCallback(TrainerCallback):
             self._pending_state = None
         else:
             self.events_done, self._scores, self._score_steps = [], {}, 0
-        if self.source == "gradients":
+        if self.source == GATE_GRADIENTS:
             for gate in self.masks.gates.values():
                 gate.requires_grad_(True)
         self.masks.attach()
-        if self.source == "activations":
+        if self.source == ACTIVATIONS:
             self._watch_activations()
         due = [t for t in steps if t <= state.global_step and t not in self.events_done]
         if due:  # pruning at step 0 (or steps missed before a resume without state)
-            if self.source in ("gradients", "activations"):
+            if self.source in (GATE_GRADIENTS, ACTIVATIONS):
                 raise ValueError(f"the schedule prunes at step {due[-1]} before any training step, but criterion "
                                  f"{self.config.criterion!r} scores from training; pass calibration batches, start "
                                  "the schedule later, or use 'magnitude'")
@@ -188,7 +188,7 @@ class PruningCallback(TrainerCallback):
         return control
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.source != "gradients" or self.masks is None:
+        if self.source != GATE_GRADIENTS or self.masks is None:
             return control
         gates = list(self.masks.gates.values())
         grads = torch.cat([g.grad.detach().float().flatten() if g.grad is not None else torch.zeros_like(g).flatten()
@@ -201,14 +201,13 @@ class PruningCallback(TrainerCallback):
         grads = _mean_across_ranks(grads)
         if not torch.isfinite(grads).all():
             return control  # an overflowing fp16 step: the optimizer skips it, so do we
-        terms = grads.pow(2) if self.config.criterion == "fisher" else grads.abs()
-        self._accumulate(terms)
+        self._accumulate(self.criterion.gate_terms(grads))
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.masks is None:
             return control
-        if self.source == "activations":
+        if self.source == ACTIVATIONS:
             self._flush_activations()
         self._zero_masked_weights()
         step = state.global_step
@@ -276,19 +275,15 @@ class PruningCallback(TrainerCallback):
         logger.info(f"hfprune: step {step}: pruned to {fraction:.3f} of the final removal")
 
     def _current_scores(self) -> dict:
-        if self.source == "calibration":
+        if self.source == CALIBRATION:
             was_training = self.model.training
             self.model.eval()
             try:
-                criterion = get_importance(self.config.criterion,
-                                           **({"seed": self.config.seed} if self.config.criterion == "random" else {}))
-                return criterion.score(self.model, self.calibration)
+                return self.criterion.score(self.model, self.calibration)
             finally:
                 self.model.train(was_training)
-        if self.source == "weights":
-            criterion = get_importance(self.config.criterion,
-                                       **({"seed": self.config.seed + len(self.events_done)}
-                                          if self.config.criterion == "random" else {}))
+        if self.source == WEIGHTS:  # a seeded criterion draws anew at each pruning step
+            criterion = self.config.build_importance(seed=self.config.seed + len(self.events_done), for_recovery=False)
             return criterion.score(self.model, None)
         if self._score_steps == 0:
             raise ValueError(f"no training step has been scored yet with {self.config.criterion!r}")
@@ -322,8 +317,7 @@ class PruningCallback(TrainerCallback):
                 if not mod.training:
                     return
                 x = token_rows(args[0].detach().float(), current)  # (tokens, groups * width), already gated
-                per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1).sum(0)  # (groups,)
-                self._act_buffer[key] = self._act_buffer.get(key, 0) + per
+                self._act_buffer[key] = self._act_buffer.get(key, 0) + self.criterion.activation_terms(x, groups)
 
             return hook
 
@@ -347,38 +341,13 @@ class PruningCallback(TrainerCallback):
     # -- masked weights ------------------------------------------------------------------------
 
     def _build_zero_targets(self) -> None:
-        """(parameter, dim, indices) slices that belong to masked heads and neurons."""
+        """(parameter, dim, indices) slices that belong to masked heads and neurons (key/value rows only of the
+        groups all of whose heads are masked)."""
         targets = []
-        spec = get_adapter(self.model).arch_spec(self.model.config)
-        for (key, i, name), gate in self.masks.gates.items():
+        for key, gate in self.masks.gates.items():
             masked = torch.nonzero(gate.detach().cpu() == 0).flatten()
-            if len(masked) == 0:
-                continue
-            stack = spec.stacks[key]
-            layer = get_module(self.model.base_model, stack.layers)[i]
-            if name in stack.attention:
-                attn = stack.attention[name]
-                heads, kv_heads, hd = attention_dims(layer, attn)
-                rows = head_rows(masked, hd)
-                if attn.fused_qkv:
-                    inner = heads * hd
-                    fused = torch.cat([rows, rows + inner, rows + 2 * inner])  # [q | k | v] sections
-                    targets += _output_slices(get_module(layer, attn.q), fused)
-                else:
-                    targets += _output_slices(get_module(layer, attn.q), rows)
-                    group = heads // kv_heads
-                    alive = (gate.detach().cpu() != 0).reshape(kv_heads, group).any(1)
-                    dead_kv = torch.nonzero(~alive).flatten()
-                    if len(dead_kv):
-                        kv_rows = head_rows(dead_kv, hd)
-                        targets += _output_slices(get_module(layer, attn.k), kv_rows)
-                        targets += _output_slices(get_module(layer, attn.v), kv_rows)
-                targets += _input_slices(get_module(layer, attn.o), rows)
-            else:
-                ffn = stack.ffn[name]
-                for path in ffn.up:
-                    targets += _output_slices(get_module(layer, path), masked)
-                targets += _input_slices(get_module(layer, ffn.down), masked)
+            if len(masked):
+                targets += get_block(self.model, key, self.masks.spec).unit_slices(masked)
         self._zero_targets = targets
 
     def _zero_masked_weights(self) -> None:
@@ -454,24 +423,6 @@ def _intersect(plan: PrunePlan, before: PrunePlan) -> PrunePlan:
                 keep = entry[name]
                 entry[name] = sorted(set(prev[name]) if keep is None else set(keep) & set(prev[name]))
     return PrunePlan.from_dict(new)
-
-
-def _output_slices(module, rows: torch.Tensor) -> list:
-    base = base_layer(module)
-    out = [(base.weight, 1 if is_conv1d(base) else 0, rows)]
-    if getattr(base, "bias", None) is not None:
-        out.append((base.bias, 0, rows))
-    if base is not module:
-        out += [(b.weight, 0, rows) for b in module.lora_B.values()]
-    return out
-
-
-def _input_slices(module, cols: torch.Tensor) -> list:
-    base = base_layer(module)
-    out = [(base.weight, 0 if is_conv1d(base) else 1, cols)]
-    if base is not module:
-        out += [(a.weight, 1, cols) for a in module.lora_A.values()]
-    return out
 
 
 def _world() -> int:

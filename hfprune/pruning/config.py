@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .importance import Importance
 
 SCOPES = ("global", "per_layer", "uniform")
 NORMALIZE = ("auto", "none", "layer")
@@ -27,19 +31,22 @@ class PruningConfig:
     (Llama, Mistral, Qwen) save a plain checkpoint.
 
     ``recovery`` (Kwon et al. 2022, needs calibration data): ``rearrange`` re-picks which heads/neurons each
-    layer keeps from the layer's full Fisher matrix (criterion ``fisher`` only), ``lstsq`` fits the kept
-    heads'/neurons' output scales per layer by least squares to the dense layer's output and folds them into
-    the weights, ``full`` does both, ``none`` neither. ``obs`` (structured Optimal Brain Surgeon, ZipLM/SlimGPT;
-    any criterion) keeps each layer's counts but re-picks its FFN neurons and updates every pruned block's output
-    projection to reconstruct that projection's output on calibration data (:mod:`hfprune.obs`). ``auto`` means
-    ``rearrange`` for ``fisher`` and ``none`` for the other criteria: on the MiniLM movie-review benchmark
-    rearrangement helped (-1.13 instead of -1.98 accuracy points at 50% MACs, equal at 60%) while least-squares
-    tuning hurt (benchmarks/oneshot_minilm.py).
+    layer keeps from the layer's full Fisher matrix (only criteria that keep it: ``Importance.fisher_blocks``,
+    i.e. ``fisher``), ``lstsq`` fits the kept heads'/neurons' output scales per layer by least squares to the
+    dense layer's output and folds them into the weights, ``full`` does both, ``none`` neither. ``obs``
+    (structured Optimal Brain Surgeon, ZipLM/SlimGPT; any criterion) keeps each layer's counts but re-picks its FFN
+    neurons and updates every pruned block's output projection to reconstruct that projection's output on
+    calibration data (:mod:`hfprune.obs`). ``auto`` means ``rearrange`` for a criterion that keeps Fisher blocks
+    and ``none`` for the others: on the MiniLM movie-review benchmark rearrangement helped (-1.13 instead of -1.98
+    accuracy points at 50% MACs, equal at 60%) while least-squares tuning hurt (benchmarks/oneshot_minilm.py).
     ``bias_compensation`` (FLAP, An et al. 2024) replaces each removed unit's output with its calibration mean,
     folded into the output projection's bias.
 
     A budget whose plan keeps no head and no neuron in any layer is refused when the plan is selected (it is a
     property of the model's costs, not of the number), unless ``allow_empty=True``.
+
+    :meth:`build_importance` builds the configured criterion from what it declares
+    (:class:`~hfprune.importance.Importance`): a seed for a seeded one, Fisher blocks where the recovery needs them.
 
     Example:
 
@@ -49,6 +56,8 @@ class PruningConfig:
     'global'
     >>> PruningConfig(criterion="magnitude", head_ratio=0.5, ffn_ratio=0.5, scope="per_layer").ffn_ratio
     0.5
+    >>> PruningConfig(criterion="random", macs_ratio=0.5, seed=3).build_importance().seed
+    3
     ```
     """
 
@@ -63,15 +72,16 @@ class PruningConfig:
     latency_batch_size: int = field(default=32, metadata={"help": "batch size at which latency is measured"})
     scope: str = field(default="global", metadata={"help": f"ranking scope, one of {SCOPES}"})
     normalize: str = field(default="auto", metadata={
-        "help": f"score normalisation across layers, one of {NORMALIZE}; auto: per layer for magnitude, "
-                "activation, fluctuation and random (each block's mean score set to its cost per unit), none for "
-                "gradient criteria (their scores estimate the loss change, a common scale)"})
+        "help": f"score normalisation across layers, one of {NORMALIZE}; auto: none for criteria whose scores "
+                "estimate the loss change, a common scale (Importance.loss_scale: fisher, taylor), per layer for the "
+                "others (each block's mean score set to its cost per unit)"})
     min_heads: int = field(default=0, metadata={
         "help": "heads kept in every layer at least (0: a layer may lose its attention)"})
     round_to: int = field(default=1, metadata={"help": "keep FFN neurons in multiples of this (e.g. 8)"})
-    seed: int = field(default=0, metadata={"help": "seed for the random criterion"})
+    seed: int = field(default=0, metadata={"help": "seed for a seeded criterion (Importance.seeded: random)"})
     recovery: str = field(default="auto", metadata={
-        "help": f"retraining-free recovery, one of {RECOVERY}; auto: rearrange for fisher, none otherwise"})
+        "help": f"retraining-free recovery, one of {RECOVERY}; auto: rearrange for a criterion that keeps Fisher "
+                "blocks (Importance.fisher_blocks: fisher), none otherwise"})
     bias_compensation: bool = field(default=False, metadata={
         "help": "fold the calibration mean of every removed head's/neuron's output into the output projection's "
                 "bias (FLAP); adds the bias where the stock config can (Llama attention_bias/mlp_bias); needs "
@@ -86,7 +96,7 @@ class PruningConfig:
                 "off: such a budget is an error, since it is almost always a typo (1e-9 for 0.1)"})
 
     def __post_init__(self):
-        from .importance import supported_importance
+        from .importance import importance_class, supported_importance
 
         if not isinstance(self.criterion, str) or self.criterion not in supported_importance():
             raise ValueError(f"criterion={self.criterion!r} is not supported; choose one of {supported_importance()}")
@@ -126,20 +136,47 @@ class PruningConfig:
                 "scope='per_layer' works with head_ratio/ffn_ratio; MACs, parameter and latency budgets rank "
                 "globally ('global') or keep the same structure in every layer ('uniform')"
             )
-        if self.recovery in NEEDS_FISHER_BLOCKS and self.criterion != "fisher":
+        if self.recovery in NEEDS_FISHER_BLOCKS and not self.criterion_class.fisher_blocks:
+            able = " or ".join(repr(n) for n in supported_importance() if importance_class(n).fisher_blocks)
             raise ValueError(f"recovery={self.recovery!r} re-picks heads/neurons from Fisher information and needs "
-                             f"criterion='fisher', not {self.criterion!r}; use recovery='lstsq' or 'none'")
+                             f"criterion={able}, not {self.criterion!r}; use recovery='lstsq' or 'none'")
         if self.bias_compensation and self.resolved_recovery in ("lstsq", "full", "obs"):
             raise ValueError(f"bias_compensation=True with recovery={self.recovery!r}: that recovery already fits the "
                              "kept units to the output with the removed units, and a bias added afterwards would "
                              "count them twice; use recovery 'none' or 'rearrange' with it")
 
     @property
+    def criterion_class(self) -> type:
+        """The registered class of ``criterion``: its declarations (``needs_data``, ``loss_scale``, ...)."""
+        from .importance import importance_class
+
+        return importance_class(self.criterion)
+
+    def build_importance(self, *, seed: int | None = None, for_recovery: bool = True) -> Importance:
+        """The configured criterion, built from its declarations: a ``seeded`` one draws from ``seed`` (default
+        ``self.seed``); one with ``fisher_blocks`` keeps them when the resolved recovery re-picks units from them,
+        unless ``for_recovery=False`` (scores alone: ``PruningCallback``, which runs no recovery)."""
+        cls = self.criterion_class
+        kwargs = {}
+        if cls.seeded:
+            kwargs["seed"] = self.seed if seed is None else seed
+        if cls.fisher_blocks:
+            kwargs["keep_blocks"] = for_recovery and self.resolved_recovery in NEEDS_FISHER_BLOCKS
+        return cls(**kwargs)
+
+    @property
     def resolved_recovery(self) -> str:
-        """The recovery that runs: ``auto`` resolved for this criterion."""
+        """The recovery that runs: ``auto`` is ``rearrange`` for a criterion that keeps Fisher blocks."""
         if self.recovery == "auto":
-            return "rearrange" if self.criterion == "fisher" else "none"
+            return "rearrange" if self.criterion_class.fisher_blocks else "none"
         return self.recovery
+
+    @property
+    def resolved_normalize(self) -> str:
+        """The normalisation that runs: ``auto`` is ``none`` for scores on a loss scale, ``layer`` otherwise."""
+        if self.normalize == "auto":
+            return "none" if self.criterion_class.loss_scale else "layer"
+        return self.normalize
 
     @property
     def budget_kind(self) -> str:

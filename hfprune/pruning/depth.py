@@ -21,9 +21,9 @@ from torch import nn
 
 from ..core.apply import model_dims, unwrap
 from ..core.arch import get_adapter
+from ..core.calibration import iterate, reduce_across_processes, to_device
 from ..core.plan import PrunePlan
 from ..core.structure import get_module
-from .importance.base import iterate, reduce_across_processes, to_device
 
 
 def token_influence(h_in: torch.Tensor, h_out: torch.Tensor, mask: torch.Tensor | None = None) -> tuple:

@@ -19,9 +19,9 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from torch import nn
 from ..core.apply import unwrap
 from ..core.blocks import iter_blocks
 from ..core.structure import in_features, out_features
+
+if TYPE_CHECKING:
+    from torch.utils.benchmark import Timer
 
 
 @dataclass(frozen=True)
@@ -136,19 +139,22 @@ class _Ffn(nn.Module):
         return self.down(h)
 
 
+def _timer(stmt: str, **names) -> Timer:
+    """A ``torch.utils.benchmark.Timer`` running ``stmt`` on ``names`` with torch's current thread count (its
+    default is one thread, which is not what a model is run with). Its clock synchronises the accelerator, if any,
+    before each reading, so asynchronous GPU work is counted."""
+    # imported here: torch.utils.benchmark loads setuptools and torch's C++ extension builder (~0.1 s), which
+    # importing hfprune.prune (through LatencyTable) should not pay for
+    from torch.utils.benchmark import Timer
+
+    return Timer(stmt, globals=names, num_threads=torch.get_num_threads())
+
+
 def _time(module: nn.Module, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of ``repeats`` single forwards; each ``timeit(1)`` first runs two untimed ones."""
+    timer = _timer("module(x)", module=module, x=x)
     with torch.inference_mode():
-        module(x)  # warm-up
-        times = []
-        for _ in range(repeats):
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            module(x)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return statistics.median(timer.timeit(1).mean for _ in range(repeats))
 
 
 def _widths(n: int, points: int, step: int = 1) -> list:
@@ -160,7 +166,9 @@ def _widths(n: int, points: int, step: int = 1) -> list:
 
 def measure(model: nn.Module, batch_size: int = 32, seq_len: int = 128, points: int = 4,
             repeats: int = 5) -> LatencyTable:
-    """Time every prunable block of ``model`` at ``points`` widths on the model's device and dtype.
+    """Time every prunable block of ``model`` at ``points`` widths on the model's device and dtype: each width's
+    seconds are the median of ``repeats`` forwards, timed with ``torch.utils.benchmark.Timer`` at torch's current
+    thread count.
 
     Example:
 
@@ -214,18 +222,20 @@ def measure(model: nn.Module, batch_size: int = 32, seq_len: int = 128, points: 
 def time_models(models: dict, batch: dict, rounds: int, warmup: int = 3) -> dict:
     """``{name: [ms per forward of batch, one per round]}`` for whole models (end-to-end latency, unlike the
     per-block table above). Models alternate within each round, in reversed order every other round, so changes
-    in machine load hit them alike; ``warmup`` untimed passes each first pay for allocation and thread start-up."""
+    in machine load hit them alike; ``warmup`` untimed passes each first pay for allocation and thread start-up.
+    Each timed forward is one ``Timer.timeit(1)``, which runs two untimed forwards of the same model just before
+    it (so every model is timed warm, whichever ran before it), at torch's current thread count."""
     names = list(models)
-    for m in models.values():
+    timers = {}
+    for name, m in models.items():
         m.eval()
         for _ in range(warmup):
             m(**batch)
+        timers[name] = _timer("model(**batch)", model=m, batch=batch)
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            start = time.perf_counter()
-            models[name](**batch)
-            times[name].append((time.perf_counter() - start) * 1000)
+            times[name].append(timers[name].timeit(1).mean * 1000)
     return times
 
 

@@ -12,14 +12,13 @@ from torch import nn
 
 from ..core import cost
 from ..core.apply import apply_plan, as_model, model_dims, unwrap
-from ..core.arch import get_adapter
+from ..core.blocks import iter_blocks
+from ..core.calibration import calibration_batches, check_batches
 from ..core.plan import PlanError, PrunePlan
-from ..core.structure import attention_dims, get_module, in_features, out_features
 from . import budget as select
 from . import obs, recovery
 from .config import PruningConfig, require_config
-from .importance import get_importance
-from .importance.base import calibration_batches, check_batches
+from .importance import importance_class, supported_importance
 from .latency import LatencyTable
 
 
@@ -55,42 +54,21 @@ class PruneResult:
 
 
 def blocks_for(model: nn.Module, scores: dict, config: PruningConfig, latency: LatencyTable | None = None) -> list:
-    """Selection blocks with per-unit costs in the budget's currency (MACs, parameters or seconds: the slope of
-    each block's fitted latency line, per head or neuron)."""
+    """Selection blocks with per-unit costs in the budget's currency: parameters or MACs from
+    :func:`hfprune.cost.unit_costs` (weights only), or seconds (the slope of each block's fitted latency line, per
+    head or neuron, with the block's overhead shared out)."""
     model = unwrap(model)
-    spec = get_adapter(model).arch_spec(model.config)
     by_params = config.params_ratio is not None
-    t = config.seq_len
     out = []
-    for key, stack in spec.stacks.items():
-        for i, layer in enumerate(get_module(model.base_model, stack.layers)):
-            for name, attn in stack.attention.items():
-                heads, kv_heads, hd = attention_dims(layer, attn)
-                if heads == 0:
-                    continue
-                hidden = in_features(get_module(layer, attn.q))
-                o_out = out_features(get_module(layer, attn.o))
-                per_token = hidden * hd + hd * o_out
-                kv = 2 * hidden * hd
-                if attn.fused_qkv:  # every head carries its own k and v
-                    per_token, kv = per_token + kv, 0
-                unit = per_token if by_params else t * per_token + 2 * hd * t * t
-                kv = kv if by_params else t * kv
-                if latency is not None:  # measured per kept head, key/value cost and overhead shared out
-                    entry = latency.entries[(key, i, name)]
-                    unit, kv = entry.slope + entry.intercept / heads, 0.0
-                out.append(select.Block((key, i, name), scores[(key, i, name)], float(unit), heads // kv_heads,
-                                        float(kv)))
-            for name, ffn in stack.ffn.items():
-                down = get_module(layer, ffn.down)
-                per_token = sum(in_features(get_module(layer, p)) for p in ffn.up) + out_features(down)
-                if in_features(down) == 0:
-                    continue
-                unit = per_token if by_params else t * per_token
-                if latency is not None:
-                    entry = latency.entries[(key, i, name)]
-                    unit = entry.slope + entry.intercept / in_features(down)
-                out.append(select.Block((key, i, name), scores[(key, i, name)], float(unit)))
+    for block in iter_blocks(model):
+        if block.units == 0:  # emptied: nothing to select, and an EmptyAttention / EmptyFfn has no projections
+            continue
+        unit = cost.unit_costs(block, config.seq_len)
+        per_unit, per_kv = (unit.params, unit.kv_params) if by_params else (unit.macs, unit.kv_macs)
+        if latency is not None:  # measured per kept head or neuron, key/value cost and overhead shared out
+            entry = latency.entries[block.key]
+            per_unit, per_kv = entry.slope + entry.intercept / unit.units, 0.0
+        out.append(select.Block(block.key, scores[block.key], float(per_unit), unit.group, float(per_kv)))
     return out
 
 
@@ -110,10 +88,7 @@ def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: 
     if kind == "latency" and latency is None:
         raise ValueError("a latency_ratio budget needs a latency table (hfprune.latency.measure(model))")
     blocks = blocks_for(model, scores, config, latency if kind == "latency" else None)
-    normalize = config.normalize
-    if normalize == "auto":
-        normalize = "none" if get_importance(config.criterion).loss_scale else "layer"
-    if normalize == "layer":
+    if config.resolved_normalize == "layer":
         blocks = select.normalize(blocks)
     choose = select.select_uniform if config.scope == "uniform" else select.select_global
     given = ", ".join(f"{n}={getattr(config, n)!r}" for n in _budget_names(config))
@@ -217,14 +192,12 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
                         f"{type(latency_table).__name__}")
     calibration = check_batches(target, calibration, tokenizer)
     mode = config.resolved_recovery
-    kwargs = {"seed": config.seed} if config.criterion == "random" else {}
-    if config.criterion == "fisher":
-        kwargs["keep_blocks"] = mode in ("rearrange", "full")
-    criterion = get_importance(config.criterion, **kwargs)
+    criterion = config.build_importance()
     if calibration is None and (criterion.needs_data or config.recovery not in ("auto", "none")
                                 or config.bias_compensation):
+        data_free = " or ".join(repr(n) for n in supported_importance() if not importance_class(n).needs_data)
         raise ValueError(f"criterion {config.criterion!r} with recovery {config.recovery!r} and bias_compensation="
-                         f"{config.bias_compensation} needs calibration data; pass batches or use 'magnitude' with "
+                         f"{config.bias_compensation} needs calibration data; pass batches or use {data_free} with "
                          "recovery='none' and bias_compensation=False")
     if calibration is None:
         mode = "none"

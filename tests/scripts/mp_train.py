@@ -77,9 +77,9 @@ def main() -> None:
     from transformers import Trainer, TrainingArguments
 
     from hfprune import PruningConfig
-    from hfprune.callback import PruningCallback
     from hfprune.distill import DistillationConfig, DistillationTrainer
-    from hfprune.schedule import ScheduleConfig
+    from hfprune.pruning.callback import PruningCallback
+    from hfprune.pruning.schedule import ScheduleConfig
 
     model = tiny_bert(0)
     calibration = None

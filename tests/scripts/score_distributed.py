@@ -30,8 +30,8 @@ def build():
 
 def run(model, batches) -> dict:
     from hfprune import PruningConfig
-    from hfprune.importance import get_importance
-    from hfprune.oneshot import plan_from_scores
+    from hfprune.pruning.importance import get_importance
+    from hfprune.pruning.oneshot import plan_from_scores
 
     out = {}
     for name in CRITERIA:
@@ -46,13 +46,13 @@ def run(model, batches) -> dict:
     # bias compensation: the calibration means (and so the folded biases) must be those of all ranks' batches
     import copy
 
-    from hfprune.recovery import compensate_biases, tunable_blocks
+    from hfprune.pruning.recovery import compensate_biases, tunable_blocks
 
     kept = {key: list(range(0, module.in_features // width, 2)) for key, module, width in tunable_blocks(model)}
     deltas = compensate_biases(copy.deepcopy(model), kept, batches)
     out["bias"] = {"/".join(map(str, k)): v.tolist() for k, v in sorted(deltas.items())}
     # structured OBS: the input Hessians (and so the picks and the updated weights) must be those of all batches
-    from hfprune.obs import reconstruct
+    from hfprune.pruning.obs import reconstruct
 
     tuned = copy.deepcopy(model)
     picked = reconstruct(tuned, kept, batches)

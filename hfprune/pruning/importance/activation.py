@@ -1,56 +1,30 @@
 # Copyright hfprune contributors. Apache-2.0.
 """Activation: mean magnitude of each head's output and each neuron's activation on calibration data
-(as in Minitron), read at the input of the block's output projection."""
+(as in Minitron), read at the input of the block's output projection.
+
+During training (``PruningCallback`` without calibration data) the same per-token norms are summed over the
+training batches of each pruning interval (:meth:`ActivationImportance.activation_terms`): a sum, not a mean,
+which ranks the units of a block the same way.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ...core.apply import unwrap
-from ...core.blocks import iter_blocks
-from ...core.calibration import token_rows
-from .base import (
-    Importance,
-    iterate,
-    reduce_across_processes,
-    register_importance,
-    require_data,
-    to_device,
-    zero_scores,
-)
-
-
-def watch_output_projections(model, make_hook) -> list:
-    """A forward pre-hook ``make_hook(block key, units, module)(module, args)`` on the output projection of every
-    attention block (units: heads) and FFN (units: neurons) that still has units; returns the handles."""
-    handles = []
-    for block in iter_blocks(model):
-        units = block.units
-        if units:  # an emptied block has nothing to watch
-            module = block.output_projection()
-            handles.append(module.register_forward_pre_hook(make_hook(block.key, units, module)))
-    return handles
-
-
-def watched_pass(model, batches, make_hook, what: str, current: dict | None = None) -> None:
-    """One no-grad pass over ``batches`` with :func:`watch_output_projections` hooks, removed afterwards even on
-    error; ``current["batch"]`` holds the batch being run, for hooks that need its attention mask."""
-    device = next(model.parameters()).device
-    current = {} if current is None else current
-    handles = watch_output_projections(model, make_hook)
-    try:
-        with torch.no_grad():
-            for batch in iterate(batches, what):
-                current["batch"] = to_device(batch, device)
-                model(**current["batch"])
-    finally:
-        for h in handles:
-            h.remove()
+from ...core.calibration import reduce_across_processes, token_rows, watched_pass
+from .base import ACTIVATIONS, Importance, register_importance, require_data, zero_scores
 
 
 @register_importance
 class ActivationImportance(Importance):
     name = "activation"
+    signal = ACTIVATIONS
+    training_signal = ACTIVATIONS
+
+    def activation_terms(self, x: torch.Tensor, units: int) -> torch.Tensor:
+        """Each unit's output norm per token row of ``x`` (tokens, units * width), summed over the rows: (units,)."""
+        return x.reshape(-1, units, x.shape[-1] // units).norm(dim=-1).sum(0)
 
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)
@@ -61,9 +35,8 @@ class ActivationImportance(Importance):
         def hook(key, groups, _module):
             def fn(_m, args):
                 x = token_rows(args[0].detach().float(), current["batch"])  # (tokens, groups * width), no padding
-                per = x.reshape(-1, groups, x.shape[-1] // groups).norm(dim=-1)  # (tokens, groups)
-                sums[key] = sums.get(key, 0) + per.sum(0)
-                counts[key] = counts.get(key, 0) + per.shape[0]
+                sums[key] = sums.get(key, 0) + self.activation_terms(x, groups)
+                counts[key] = counts.get(key, 0) + x.shape[0]
 
             return fn
 
@@ -76,4 +49,3 @@ class ActivationImportance(Importance):
         if not any(float(c) > 0 for c in counts.values()):
             raise ValueError("the calibration data is empty")
         return {k: sums[k] / counts[k].clamp_min(1.0) for k in zeros}
-

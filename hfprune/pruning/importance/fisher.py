@@ -5,6 +5,10 @@ Per example, ``(dL/dg)^2`` is the diagonal of the empirical Fisher information o
 summed over the data it estimates the loss increase of removing that head or neuron. With
 ``keep_blocks=True`` the criterion also keeps each block's full Fisher matrix ``sum_x g_x g_x^T`` (one
 ``(n, n)`` matrix per attention or FFN block), which mask rearrangement (:mod:`hfprune.recovery`) needs.
+
+During training (``PruningCallback`` without calibration data) the score is the sum over optimizer steps of each
+step's squared gate gradient (that of its whole batch, averaged over ranks; :meth:`FisherImportance.gate_terms`):
+a batch-level estimate, where one-shot scoring squares each example's gradient.
 """
 
 from __future__ import annotations
@@ -13,26 +17,25 @@ import torch
 
 from ...core.apply import unwrap
 from ...core.blocks import iter_blocks
+from ...core.calibration import iterate, reduce_across_processes, to_device
 from ...core.masking import Masks
-from .base import (
-    Importance,
-    calibration_loss,
-    iterate,
-    reduce_across_processes,
-    register_importance,
-    require_data,
-    to_device,
-)
+from .base import GATE_GRADIENTS, Importance, calibration_loss, register_importance, require_data
 
 
 @register_importance
 class FisherImportance(Importance):
     name = "fisher"
+    signal = GATE_GRADIENTS
     loss_scale = True
+    fisher_blocks = True
+    training_signal = GATE_GRADIENTS
 
     def __init__(self, keep_blocks: bool = False):
         self.keep_blocks = keep_blocks
         self.blocks: dict = {}  # (stack, layer, block) -> (n, n) Fisher block, when keep_blocks
+
+    def gate_terms(self, grads: torch.Tensor) -> torch.Tensor:
+        return grads.pow(2)
 
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)

@@ -10,16 +10,9 @@ import torch
 
 from ...core.apply import unwrap
 from ...core.blocks import merged_weight
-from ...core.calibration import token_rows
+from ...core.calibration import reduce_across_processes, token_rows, watched_pass
 from ...core.structure import in_features
-from .activation import watched_pass
-from .base import (
-    Importance,
-    reduce_across_processes,
-    register_importance,
-    require_data,
-    zero_scores,
-)
+from .base import ACTIVATIONS, Importance, register_importance, require_data, zero_scores
 
 
 def fluctuation(total: torch.Tensor, squares: torch.Tensor, count: float, column_norms: torch.Tensor,
@@ -40,6 +33,7 @@ def _column_norms(module) -> torch.Tensor:
 @register_importance
 class FluctuationImportance(Importance):
     name = "fluctuation"
+    signal = ACTIVATIONS  # a variance over calibration tokens: no training-time form, so the callback needs data
 
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)

@@ -12,7 +12,7 @@ from torch import nn
 
 from ...core.apply import unwrap
 from ...core.blocks import iter_blocks, weight_out_in
-from .base import Importance, register_importance
+from .base import WEIGHTS, Importance, register_importance
 
 
 def per_head(rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -27,6 +27,9 @@ def head_and_neuron_terms(model: nn.Module, fn) -> dict:
     """
     scores = {}
     for block in iter_blocks(unwrap(model)):
+        if block.units == 0:  # emptied (an EmptyAttention / EmptyFfn may hold no projection any more)
+            scores[block.key] = torch.zeros(0)
+            continue
         if not block.is_attention:
             s = fn(block.output_projection()).sum(0)
             for up in block.input_projections():
@@ -34,9 +37,6 @@ def head_and_neuron_terms(model: nn.Module, fn) -> dict:
             scores[block.key] = s.detach().float()
             continue
         heads, kv_heads, head_dim = block.dims()
-        if heads == 0:
-            scores[block.key] = torch.zeros(0)
-            continue
         s = per_head(fn(block.output_projection()).sum(0), heads)  # (out, heads * hd) -> (heads,)
         if block.spec.fused_qkv:
             qkv = fn(block.input_projections()[0]).sum(1).reshape(3, heads, head_dim).sum(2)  # (3, heads)
@@ -54,7 +54,7 @@ def head_and_neuron_terms(model: nn.Module, fn) -> dict:
 @register_importance
 class MagnitudeImportance(Importance):
     name = "magnitude"
-    needs_data = False
+    signal = WEIGHTS
 
     def score(self, model, batches=None) -> dict:
         with torch.no_grad():

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Importance, register_importance, zero_scores
+from .base import WEIGHTS, Importance, register_importance, zero_scores
 
 
 @register_importance
 class RandomImportance(Importance):
     name = "random"
-    needs_data = False
+    signal = WEIGHTS  # none, in fact: it reads only the model's shapes
+    seeded = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed

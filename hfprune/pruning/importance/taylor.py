@@ -1,5 +1,18 @@
 # Copyright hfprune contributors. Apache-2.0.
-"""Taylor: first-order ``sum |w * dL/dw|`` over each head's / neuron's coupled weights, on calibration data."""
+"""Taylor: first-order estimates of how much the loss changes when a head or neuron is removed. Two forms:
+
+- One-shot (``hfprune.prune``, and ``PruningCallback`` given calibration data): ``sum |w * dL/dw|`` over each
+  unit's coupled weights (its q/k/v rows and output-projection columns; its up/gate rows and down column) on
+  calibration data, each weight's own saliency summed (``signal = "gradients"``).
+- During training (``PruningCallback`` without calibration data): ``|dL/dg|`` of the unit's gate at each optimizer
+  step, summed over the steps between two pruning steps (``training_signal = "gate_gradients"``,
+  :meth:`TaylorImportance.gate_terms`). ``dL/dg`` equals ``sum w * dL/dw`` over the unit's output-projection
+  columns, signed: the first-order loss change of zeroing the whole unit (Molchanov et al. 2019). It needs only the
+  gates' gradients, which the training step computes anyway.
+
+The two are different numbers (the one-shot form counts every coupled weight and its terms cannot cancel), so a
+plan from one is not expected to equal a plan from the other.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +20,20 @@ import torch
 
 from ...core.apply import unwrap
 from ...core.blocks import base_layer, is_conv1d, weight_out_in
-from .base import (
-    Importance,
-    calibration_loss,
-    iterate,
-    reduce_across_processes,
-    register_importance,
-    require_data,
-    to_device,
-)
+from ...core.calibration import iterate, reduce_across_processes, to_device
+from .base import GATE_GRADIENTS, GRADIENTS, Importance, calibration_loss, register_importance, require_data
 from .magnitude import head_and_neuron_terms
 
 
 @register_importance
 class TaylorImportance(Importance):
     name = "taylor"
+    signal = GRADIENTS
     loss_scale = True
+    training_signal = GATE_GRADIENTS
+
+    def gate_terms(self, grads: torch.Tensor) -> torch.Tensor:
+        return grads.abs()
 
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)

@@ -24,13 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.apply import unwrap
-from ..core.arch import get_adapter
-from ..core.blocks import base_layer, get_block, is_conv1d, iter_blocks, iter_stacks, merged_weight
-from ..core.calibration import Stop, device_batches, token_rows
-from ..core.structure import in_features
-from .importance.base import iterate, reduce_across_processes
-from .recovery import tunable_blocks
+from ...core.apply import unwrap
+from ...core.arch import get_adapter
+from ...core.blocks import base_layer, get_block, is_conv1d, iter_blocks, iter_stacks, merged_weight
+from ...core.calibration import Stop, device_batches, iterate, reduce_across_processes, token_rows
+from ...core.structure import in_features
+from .tunable import tunable_blocks
 
 DAMP = 0.01  # relative to the mean diagonal of H, as in SparseGPT: keeps rarely active units from blowing up
 
