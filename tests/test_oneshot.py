@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import hfprune
-from hfprune.importance import get_importance
-from hfprune.masking import Masks
+from hfprune.core.masking import Masks
+from hfprune.pruning.importance import get_importance
 
 from .cases import CASES
 
@@ -149,7 +149,7 @@ def _token_dataset(equal: bool):
 
 @pytest.mark.parametrize("equal", [True, False])
 def test_calibration_from_a_dataset(equal):
-    from hfprune.importance.base import calibration_batches
+    from hfprune.core.calibration import calibration_batches
 
     data = _token_dataset(equal)
     batches = calibration_batches(data, batch_size=4)
@@ -166,7 +166,7 @@ def test_calibration_from_a_dataset(equal):
 def test_unequal_rows_without_a_mask_or_tokenizer_are_refused():
     import datasets
 
-    from hfprune.importance.base import calibration_batches
+    from hfprune.core.calibration import calibration_batches
 
     data = datasets.Dataset.from_dict({"input_ids": [[5, 6, 7], [5, 6]]})
     with pytest.raises(ValueError, match="pass a tokenizer"):
@@ -194,7 +194,7 @@ def test_uniform_llama_is_a_plain_checkpoint(tmp_path):
 
 
 def test_batched_fisher_equals_the_per_example_loop(monkeypatch):
-    from hfprune.importance import fisher
+    from hfprune.pruning.importance import fisher
 
     case = CASES["bert"]
     model = case.build("eager").eval()
@@ -208,3 +208,19 @@ def test_batched_fisher_equals_the_per_example_loop(monkeypatch):
     for key in want:
         assert torch.allclose(got[key], want[key], rtol=1e-4, atol=1e-12)
         assert torch.allclose(fast.blocks[key], slow.blocks[key], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("criterion", ["magnitude", "taylor", "activation", "fisher"])
+def test_prune_again_after_a_block_was_emptied(criterion):
+    """GPT-2's emptied FFN is an EmptyFfn without c_fc/c_proj: scoring and selection skip it (they once looked
+    for its projections)."""
+    case = CASES["gpt2"]
+    torch.manual_seed(0)
+    model = case.build("eager")
+    layers = len(model.transformer.h)
+    hfprune.apply_plan(model, {"layers": [{"ffn": []}] + [{}] * (layers - 1)})
+    config = hfprune.PruningConfig(criterion=criterion, macs_ratio=0.5, seq_len=8)
+    result = hfprune.prune(model, [case.inputs(0)], config)
+    assert result.after.macs <= 0.5 * result.before.macs
+    assert len(result.scores[("layers", 0, "ffn")]) == 0
+    assert result.after.params == sum(p.numel() for p in model.parameters())

@@ -97,6 +97,8 @@ class Masks:
         if self._handles:
             return self
         for block in iter_blocks(self.model, self.spec):
+            if block.is_empty():  # an emptied block (EmptyAttention / EmptyFfn) has no projection and nothing to gate
+                continue
             gate = self.gates[block.key]
             self._hook_input(block.output_projection(), gate, block.width)
             if block.is_attention and block.spec.gate_query:
