@@ -34,6 +34,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 import hfprune  # noqa: E402
+from hfprune.core.calibration import calibration_batches  # noqa: E402
 from hfprune.core.cost import estimate  # noqa: E402
 from hfprune.data.teachers import MOVIE_TEACHER, movie_review_teacher, tokenize_movie_reviews  # noqa: E402
 from hfprune.pruning.latency import cpu_name, time_models  # noqa: E402
@@ -175,8 +176,8 @@ def main() -> None:
     calibration = data["train"].shuffle(seed=SEED).select(range(CALIBRATION))
     test = data["test"].select(range(256)) if args.quick else data["test"]
     collate = DataCollatorWithPadding(tokenizer)
-    test_batches = hfprune.pruning.importance.base.calibration_batches(test, 128, collate_fn=collate)
-    calib_batches = hfprune.pruning.importance.base.calibration_batches(calibration, 32, collate_fn=collate)
+    test_batches = calibration_batches(test, 128, collate_fn=collate)
+    calib_batches = calibration_batches(calibration, 32, collate_fn=collate)
     rounds = 3 if args.quick else args.rounds
     rows = ROWS[:1] + ROWS[5:6] if args.quick else ROWS
     budgets = BUDGETS[1:] if args.quick else BUDGETS

@@ -6,7 +6,7 @@ anything; so ``estimate(dense, plan).params`` predicts ``sum(p.numel())`` of ``a
 MACs count the projections (one MAC per weight per token) and the attention products (``QK^T`` and
 ``AV``: ``2 * heads * head_dim * seq_len`` per query token), for a self-attention length ``seq_len``; cross
 attention is counted with the same length on both sides. Both come from :func:`unit_costs`, the per-head /
-per-key/value-group / per-neuron costs that the budgets' selection (``hfprune.oneshot.blocks_for``) uses too.
+per-key/value-group / per-neuron costs that the budgets' selection (``hfprune.pruning.oneshot.blocks_for``) uses too.
 """
 
 from __future__ import annotations

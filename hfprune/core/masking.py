@@ -31,7 +31,7 @@ class Masks:
     ```python
     >>> import torch
     >>> from transformers import BertConfig, BertModel
-    >>> from hfprune.masking import Masks
+    >>> from hfprune.core.masking import Masks
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                              intermediate_size=64)).eval()
     >>> masks = Masks(model).attach()

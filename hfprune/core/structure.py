@@ -7,7 +7,7 @@ rebuilds the pruned shapes with exactly the code that produced them, in a proces
 
 The architecture knowledge comes in as data (:class:`ArchSpec`, stored in the checkpoint's config as JSON)
 and the plan in its JSON form (``{"layers": [{"heads": [...], "ffn": [...], "drop": bool}, ...]}``).
-Validation of plans happens before this code runs (``hfprune.plan``); this module trusts its input.
+Validation of plans happens before this code runs (``hfprune.core.plan``); this module trusts its input.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class AttentionSpec:
     residual), ``"context"`` when the output projection sits outside ``module`` (it returns a zero-width
     context that the outer projection, sliced to zero input columns, maps to its bias).
 
-    Two flags tell masking (``hfprune.masking``) what a gate on the output projection's input cannot express;
+    Two flags tell masking (``hfprune.core.masking``) what a gate on the output projection's input cannot express;
     slicing ignores them. ``gate_query``: the module averages query-key scores over all heads (Autoformer's
     autocorrelation picks its delays from that mean), so gates also scale the query rows, renormalised to a
     mean over the kept heads. ``draws_rng``: the module draws from the global RNG in forward (Informer's
@@ -109,7 +109,8 @@ class _AnyCopy(type(nn.Module)):
     it again (here, or in that copy) must recognise them."""
 
     def __instancecheck__(cls, obj) -> bool:
-        # this file is hfprune.structure, or a checkpoint's modeling_hfprune (transformers_modules.<id>.modeling_...)
+        # this file is hfprune.core.structure, or a checkpoint's modeling_hfprune
+        # (transformers_modules.<id>.modeling_...)
         return any(c.__name__ == cls.__name__ and c.__module__.rpartition(".")[2] in ("structure", "modeling_hfprune")
                    for c in type(obj).__mro__)
 

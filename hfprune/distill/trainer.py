@@ -42,7 +42,7 @@ class DistillationTrainer(Trainer):
 
     Args:
         teacher: the teacher model; ``None`` distils from a frozen copy of the model as it is when the trainer is
-            built (self-distillation: the dense model before a :class:`~hfprune.callback.PruningCallback`
+            built (self-distillation: the dense model before a :class:`~hfprune.pruning.callback.PruningCallback`
             prunes it).
         distill_config: :class:`DistillationConfig` (default: ``T=2``, ``alpha=0.5``, no hidden-state term).
         *args, **kwargs: passed to ``Trainer``.

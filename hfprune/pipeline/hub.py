@@ -8,7 +8,7 @@ directory is only ever read, so it stays intact whatever happens.
 Example (``hfprune push outputs/minilm-movie-oneshot me/minilm-movie-pruned --private``):
 
 ```python
->>> from hfprune.hub import push_to_hub
+>>> from hfprune.pipeline.hub import push_to_hub
 >>> push_to_hub("outputs/minilm-movie-oneshot", "me/minilm-movie-pruned", private=True)  # doctest: +SKIP
 'https://huggingface.co/me/minilm-movie-pruned/commit/...'
 ```

@@ -12,7 +12,7 @@ the code; the sections hfprune defines itself are the dataclasses of :mod:`hfpru
 Example:
 
 ```python
->>> from hfprune.recipe import load_recipe
+>>> from hfprune.pipeline.recipe import load_recipe
 >>> recipe = load_recipe(None, ["--pruning.macs_ratio=0.5"])  # the embedded default recipe
 >>> recipe.pruning.macs_ratio, recipe.method
 (0.5, 'oneshot')

@@ -36,7 +36,8 @@ def check_sweep(recipe: Recipe, ratios: list, key: str) -> list:
     """Everything about the arguments, checked before the dense model is loaded and evaluated (minutes); returns
     ``[(ratio, PruningConfig)]`` by ratio."""
     if not isinstance(recipe, Recipe):
-        raise TypeError(f"recipe must be a hfprune.recipe.Recipe (load_recipe(...)), got {type(recipe).__name__}")
+        raise TypeError(f"recipe must be a hfprune.pipeline.recipe.Recipe (load_recipe(...)), got "
+                        f"{type(recipe).__name__}")
     if not isinstance(key, str) or key not in BUDGET_KEYS:
         raise ValueError(f"sweep key {key!r}; choose one of {BUDGET_KEYS}")
     if recipe.method != "oneshot":

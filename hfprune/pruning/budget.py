@@ -3,7 +3,7 @@
 
 Units are what can be removed together: a head (or, for grouped-query attention, a whole key/value
 group with its query heads) and a chunk of ``round_to`` neurons. Each unit has a score and a cost (MACs
-or parameters, from :func:`hfprune.cost.unit_costs`). Global selection keeps units greedily by score per
+or parameters, from :func:`hfprune.core.cost.unit_costs`). Global selection keeps units greedily by score per
 cost until the budget is spent (a knapsack heuristic; with one cost per kind it is the mask search of Kwon
 et al. 2022); per-layer selection keeps the same fraction in every layer.
 """

@@ -1,7 +1,7 @@
 # Copyright hfprune contributors. Apache-2.0.
 """``PruningCallback``: prune while training with the stock ``transformers.Trainer``.
 
-During training nothing is sliced: heads and neurons are *masked* (``hfprune.masking.Masks`` gates on the
+During training nothing is sliced: heads and neurons are *masked* (``hfprune.core.masking.Masks`` gates on the
 input of each block's output projection), so the optimizer's state and DDP's buckets stay valid and every
 parameter keeps taking part in the graph (DDP needs no ``find_unused_parameters``). Masked weights get exactly
 zero gradient and are reset to zero after every optimizer step, so momentum and weight decay cannot move them.
@@ -10,7 +10,7 @@ checkpoint that reloads with ``from_pretrained(dir, trust_remote_code=True)``.
 
 Scores come from the run itself, in the form each criterion declares (``Importance.training_signal``): from the
 gates' gradients at each optimizer step (averaged over ranks like DDP averages parameter gradients; ``fisher``
-squares them, ``taylor`` takes their absolute value: see :mod:`hfprune.importance.taylor` for how that differs
+squares them, ``taylor`` takes their absolute value: see :mod:`hfprune.pruning.importance.taylor` for how that differs
 from one-shot Taylor), from the inputs of the output projections (``activation``), or, for a criterion that reads
 only the weights (``magnitude``, ``random``), from the weights at each pruning step. With ``calibration``, the
 criterion scores that data at each pruning step, as one-shot pruning does. Scores accumulate between two pruning
@@ -55,7 +55,7 @@ class PruningCallback(TrainerCallback):
 
     Args:
         config: what to prune and the final budget (:class:`~hfprune.PruningConfig`).
-        schedule: when (:class:`~hfprune.schedule.ScheduleConfig`); ``None``: gradual (cubic) over the first
+        schedule: when (:class:`~hfprune.pruning.schedule.ScheduleConfig`); ``None``: gradual (cubic) over the first
             two thirds of the run.
         calibration: batches to score on at each pruning step (model-ready dicts); ``None``: score from training.
 
@@ -68,8 +68,8 @@ class PruningCallback(TrainerCallback):
     ```python
     >>> from transformers import Trainer, TrainingArguments
     >>> from hfprune import PruningConfig
-    >>> from hfprune.callback import PruningCallback
-    >>> from hfprune.schedule import ScheduleConfig
+    >>> from hfprune.pruning.callback import PruningCallback
+    >>> from hfprune.pruning.schedule import ScheduleConfig
     >>> callback = PruningCallback(PruningConfig(criterion="fisher", macs_ratio=0.5),
     ...                            ScheduleConfig(kind="gradual", start_step=0, end_step=300, every=30))
     >>> # Trainer(model, args, train_dataset=..., callbacks=[callback]).train(); trainer.save_model()
@@ -84,7 +84,7 @@ class PruningCallback(TrainerCallback):
         config = require_config(config)
         calibration = check_batches(None, calibration)  # its type now; its keys when the model is known
         if schedule is not None and not isinstance(schedule, ScheduleConfig):
-            raise TypeError(f"schedule must be a hfprune.schedule.ScheduleConfig or None, got "
+            raise TypeError(f"schedule must be a hfprune.pruning.schedule.ScheduleConfig or None, got "
                             f"{type(schedule).__name__}")
         if config.bias_compensation or config.resolved_recovery not in ("none", "rearrange"):
             raise ValueError(

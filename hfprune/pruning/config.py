@@ -36,9 +36,10 @@ class PruningConfig:
     dense layer's output and folds them into the weights, ``full`` does both, ``none`` neither. ``obs``
     (structured Optimal Brain Surgeon, ZipLM/SlimGPT; any criterion) keeps each layer's counts but re-picks its FFN
     neurons and updates every pruned block's output projection to reconstruct that projection's output on
-    calibration data (:mod:`hfprune.obs`). ``auto`` means ``rearrange`` for a criterion that keeps Fisher blocks
-    and ``none`` for the others: on the MiniLM movie-review benchmark rearrangement helped (-1.13 instead of -1.98
-    accuracy points at 50% MACs, equal at 60%) while least-squares tuning hurt (benchmarks/oneshot_minilm.py).
+    calibration data (:mod:`hfprune.pruning.recovery.obs`). ``auto`` means ``rearrange`` for a criterion that keeps
+    Fisher blocks and ``none`` for the others: on the MiniLM movie-review benchmark rearrangement helped (-1.13
+    instead of -1.98 accuracy points at 50% MACs, equal at 60%) while least-squares tuning hurt
+    (benchmarks/oneshot_minilm.py).
     ``bias_compensation`` (FLAP, An et al. 2024) replaces each removed unit's output with its calibration mean,
     folded into the output projection's bias.
 
@@ -46,7 +47,8 @@ class PruningConfig:
     property of the model's costs, not of the number), unless ``allow_empty=True``.
 
     :meth:`build_importance` builds the configured criterion from what it declares
-    (:class:`~hfprune.importance.Importance`): a seed for a seeded one, Fisher blocks where the recovery needs them.
+    (:class:`~hfprune.pruning.importance.Importance`): a seed for a seeded one, Fisher blocks where the recovery
+    needs them.
 
     Example:
 
@@ -65,7 +67,7 @@ class PruningConfig:
     macs_ratio: float | None = field(default=None, metadata={"help": "keep this fraction of the layers' MACs"})
     params_ratio: float | None = field(default=None, metadata={"help": "keep this fraction of all parameters"})
     latency_ratio: float | None = field(default=None, metadata={
-        "help": "keep this fraction of the layers' latency, measured on this device (hfprune.latency)"})
+        "help": "keep this fraction of the layers' latency, measured on this device (hfprune.pruning.latency)"})
     head_ratio: float | None = field(default=None, metadata={"help": "keep this fraction of attention heads"})
     ffn_ratio: float | None = field(default=None, metadata={"help": "keep this fraction of FFN neurons"})
     seq_len: int = field(default=128, metadata={"help": "sequence length at which MACs and latency are counted"})

@@ -5,7 +5,7 @@ A block's influence is ``1 - cos(h_in, h_out)`` averaged over the tokens of cali
 the hidden state entering the block and ``h_out`` the one leaving it (Men et al. 2024, "ShortGPT"). A block
 whose output nearly equals its input (influence near 0) is mostly the residual stream passing through, and
 removing it changes the model least. Blocks are dropped from the least influential up until the model meets a
-parameter budget; the result is a :class:`~hfprune.plan.PrunePlan` with ``{"drop": true}`` entries, which
+parameter budget; the result is a :class:`~hfprune.core.plan.PrunePlan` with ``{"drop": true}`` entries, which
 ``apply_plan`` turns into a plain checkpoint (fewer ``num_hidden_layers``).
 
 The math (:func:`token_influence`, :func:`choose_drops`) is pure; :func:`block_influence` only collects hidden
@@ -146,7 +146,7 @@ def depth_plan(model: nn.Module, batches: Iterable | None = None, *, params_rati
     ```python
     >>> import torch
     >>> from transformers import LlamaConfig, LlamaForCausalLM
-    >>> from hfprune.depth import depth_plan
+    >>> from hfprune.pruning.depth import depth_plan
     >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
     ...                                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2))
     >>> batches = [{"input_ids": torch.randint(0, 64, (2, 8))}]

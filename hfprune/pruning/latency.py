@@ -174,7 +174,7 @@ def measure(model: nn.Module, batch_size: int = 32, seq_len: int = 128, points: 
 
     ```python
     >>> from transformers import BertConfig, BertModel
-    >>> from hfprune.latency import measure
+    >>> from hfprune.pruning.latency import measure
     >>> model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
     ...                              intermediate_size=64))
     >>> table = measure(model, batch_size=2, seq_len=8, points=2, repeats=1)

@@ -55,7 +55,7 @@ class PruneResult:
 
 def blocks_for(model: nn.Module, scores: dict, config: PruningConfig, latency: LatencyTable | None = None) -> list:
     """Selection blocks with per-unit costs in the budget's currency: parameters or MACs from
-    :func:`hfprune.cost.unit_costs` (weights only), or seconds (the slope of each block's fitted latency line, per
+    :func:`hfprune.core.cost.unit_costs` (weights only), or seconds (the slope of each block's fitted latency line, per
     head or neuron, with the block's overhead shared out)."""
     model = unwrap(model)
     by_params = config.params_ratio is not None
@@ -86,7 +86,7 @@ def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: 
     model = unwrap(model)
     kind = config.budget_kind
     if kind == "latency" and latency is None:
-        raise ValueError("a latency_ratio budget needs a latency table (hfprune.latency.measure(model))")
+        raise ValueError("a latency_ratio budget needs a latency table (hfprune.pruning.latency.measure(model))")
     blocks = blocks_for(model, scores, config, latency if kind == "latency" else None)
     if config.resolved_normalize == "layer":
         blocks = select.normalize(blocks)
@@ -169,7 +169,7 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
     (batched by ``config.calibration_batch_size``, padded with ``DataCollatorWithPadding(tokenizer)`` when a
     tokenizer is given). Criteria that need no data (magnitude, random) accept ``None`` (then no recovery runs).
     A ``latency_ratio`` budget uses ``latency_table``, or measures one on the model's device
-    (:func:`hfprune.latency.measure` at ``config.latency_batch_size`` x ``config.seq_len``).
+    (:func:`hfprune.pruning.latency.measure` at ``config.latency_batch_size`` x ``config.seq_len``).
 
     Example:
 
@@ -188,7 +188,7 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
     config = require_config(config)
     target = as_model(model)
     if latency_table is not None and not isinstance(latency_table, LatencyTable):
-        raise TypeError(f"latency_table must be a hfprune.latency.LatencyTable or None, got "
+        raise TypeError(f"latency_table must be a hfprune.pruning.latency.LatencyTable or None, got "
                         f"{type(latency_table).__name__}")
     calibration = check_batches(target, calibration, tokenizer)
     mode = config.resolved_recovery

@@ -33,7 +33,7 @@ class ScheduleConfig:
     Example:
 
     ```python
-    >>> from hfprune.schedule import ScheduleConfig, fraction_at, prune_steps
+    >>> from hfprune.pruning.schedule import ScheduleConfig, fraction_at, prune_steps
     >>> s = ScheduleConfig(kind="gradual", start_step=0, end_step=100, every=25)
     >>> prune_steps(s)
     [25, 50, 75, 100]

@@ -8,7 +8,7 @@ Two families need more than a gate on the output projection's input for masking 
 * Informer's ProbSparse self-attention (``attention_type="prob"``) draws its key sample from the global RNG
   in every forward. The sample does not depend on the head count (one draw of ``u_part`` key indices shared
   by all heads, and the top-u query selection is per head), so slicing heads is exact. But a head-less layer
-  becomes an :class:`~hfprune.structure.EmptyAttention` and a dropped layer is gone, neither drawing, so
+  becomes an :class:`~hfprune.core.structure.EmptyAttention` and a dropped layer is gone, neither drawing, so
   ``draws_rng`` makes masking restore the RNG after such blocks: later layers then draw the same keys.
 * Autoformer's autocorrelation picks its top-k delays, and their softmax weights, from the mean of the
   query-key autocorrelation over all heads and channels, so a pruned head's query and key still steer the

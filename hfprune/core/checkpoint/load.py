@@ -4,7 +4,7 @@
 A heterogeneous checkpoint carries ``modeling_hfprune.py`` so that people without hfprune can load it with
 ``trust_remote_code=True``. hfprune itself does not need that file: ``config.json`` holds the plan and the
 architecture spec, so :func:`from_pretrained` builds ``class PrunedX(PrunedModelMixin, X)`` here, from the installed
-``hfprune.structure`` and the stock transformers class ``X``, and loads the weights into it. A checkpoint is read
+``hfprune.core.structure`` and the stock transformers class ``X``, and loads the weights into it. A checkpoint is read
 only after its three accounts of the pruning agree: ``prune_plan.json``, ``config.json`` (its ``hfprune`` record,
 or for a plain checkpoint its widths) and the weights. Plain and non-hfprune checkpoints load as stock
 transformers models (a plain one is marked pruned with its ``prune_plan.json``, so pruning it again composes).
@@ -117,7 +117,7 @@ RECORD_SOURCE = "config.json's hfprune.plan"
 
 def _recover(name_or_path) -> None:
     # Finish or undo a save that was interrupted in this folder, so we read one save's files, not two.
-    # (hfprune.modeling.transaction may be absent in a partial install; loading works without it.)
+    # (hfprune.core.checkpoint.transaction may be absent in a partial install; loading works without it.)
     if importlib.util.find_spec(f"{__package__}.transaction") is None:
         return
     from .transaction import recover
@@ -318,7 +318,8 @@ def _from_auto(auto: type, config_class: type, names: list, model_type: str) -> 
 
 
 def pruned_class(stock: type) -> type:
-    """``class PrunedX(PrunedModelMixin, X)`` built here from the installed ``hfprune.structure`` (one per class)."""
+    """``class PrunedX(PrunedModelMixin, X)`` built here from the installed ``hfprune.core.structure`` (one per
+    class)."""
     if stock not in _PRUNED_CLASSES:
         _PRUNED_CLASSES[stock] = type(f"Pruned{stock.__name__}", (structure.PrunedModelMixin, stock),
                                       {"__module__": __name__, "__doc__": f"{stock.__name__}, pruned by hfprune."})

@@ -26,7 +26,7 @@ PLAN_FILE = "prune_plan.json"
 
 
 def save_pruned(model: nn.Module, save_directory, *args, **kwargs) -> None:
-    """Save like ``save_pretrained``, through a :class:`~hfprune.modeling.transaction.Transaction`: the folder's
+    """Save like ``save_pretrained``, through a :class:`~hfprune.core.checkpoint.transaction.Transaction`: the folder's
     other files stay, a failure leaves the previous checkpoint as it was, a kill is recovered by the next save."""
     options = inspect.signature(original_class(model).save_pretrained).bind_partial(
         model, save_directory, *args, **kwargs).arguments

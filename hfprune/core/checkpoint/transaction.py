@@ -73,7 +73,7 @@ class Transaction:
 
     ```python
     >>> import tempfile
-    >>> from hfprune.modeling.transaction import Transaction
+    >>> from hfprune.core.checkpoint.transaction import Transaction
     >>> out = tempfile.mkdtemp()
     >>> with Transaction(out) as staging:
     ...     (staging / "notes.txt").write_text("pruned with hfprune")
@@ -82,7 +82,7 @@ class Transaction:
     ['notes.txt']
     ```
 
-    A pruned model's files go in with ``hfprune.modeling.save.stage_checkpoint(model, txn)``, which also declares
+    A pruned model's files go in with ``hfprune.core.checkpoint.save.stage_checkpoint(model, txn)``, which also declares
     what they supersede.
     """
 
@@ -148,7 +148,7 @@ class Transaction:
             _roll_forward(self.target, self.staging, marker)
         except BaseException:
             logger.error("the save into %s was committed but not finished; the next save there, or "
-                         "hfprune.modeling.transaction.recover(folder), finishes it", self.target)
+                         "hfprune.core.checkpoint.transaction.recover(folder), finishes it", self.target)
             raise
 
     def _abort(self) -> None:
@@ -173,7 +173,7 @@ def recover(directory, timeout: float = 60.0) -> None:
     Example:
 
     ```python
-    >>> from hfprune.modeling.transaction import recover
+    >>> from hfprune.core.checkpoint.transaction import recover
     >>> recover("outputs/pruned")  # then load it as usual
     ```
     """

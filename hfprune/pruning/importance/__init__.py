@@ -1,7 +1,7 @@
 # Copyright hfprune contributors. Apache-2.0.
 """Importance criteria behind one interface, registered by name.
 
-A criterion returns one score tensor per prunable block, keyed like :attr:`hfprune.masking.Masks.gates`:
+A criterion returns one score tensor per prunable block, keyed like :attr:`hfprune.core.masking.Masks.gates`:
 ``(stack, layer, block) -> (heads,)`` or ``(neurons,)``. Higher means more important. Each criterion declares
 what it reads and how it behaves (:class:`Importance`); ``PruningConfig.build_importance()`` builds it from those.
 """

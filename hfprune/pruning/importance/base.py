@@ -2,8 +2,8 @@
 """The ``Importance`` interface with what each criterion declares about itself, and the registry.
 
 A criterion states, as class attributes, the signal it reads, whether its scores are on a loss scale, whether it
-takes a seed or keeps Fisher blocks, and how :class:`~hfprune.callback.PruningCallback` scores it from a training
-run. :meth:`hfprune.PruningConfig.build_importance`, one-shot pruning and the callback read these declarations;
+takes a seed or keeps Fisher blocks, and how :class:`~hfprune.pruning.callback.PruningCallback` scores it from a
+training run. :meth:`hfprune.PruningConfig.build_importance`, one-shot pruning and the callback read these declarations;
 nothing outside this package tests a criterion's name.
 """
 
@@ -25,7 +25,8 @@ from ...core.masking import Masks
 WEIGHTS = "weights"  # the weights alone: no data
 ACTIVATIONS = "activations"  # the inputs of each block's output projection on calibration tokens
 GRADIENTS = "gradients"  # gradients of the calibration loss with respect to the weights
-GATE_GRADIENTS = "gate_gradients"  # gradients of the loss with respect to one gate per unit (hfprune.masking.Masks)
+# gradients of the loss with respect to one gate per unit (hfprune.core.masking.Masks)
+GATE_GRADIENTS = "gate_gradients"
 SIGNALS = (WEIGHTS, ACTIVATIONS, GRADIENTS, GATE_GRADIENTS)
 TRAINING_SIGNALS = (GATE_GRADIENTS, ACTIVATIONS)
 

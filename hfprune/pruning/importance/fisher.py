@@ -4,7 +4,7 @@
 Per example, ``(dL/dg)^2`` is the diagonal of the empirical Fisher information of the gate at g = 1;
 summed over the data it estimates the loss increase of removing that head or neuron. With
 ``keep_blocks=True`` the criterion also keeps each block's full Fisher matrix ``sum_x g_x g_x^T`` (one
-``(n, n)`` matrix per attention or FFN block), which mask rearrangement (:mod:`hfprune.recovery`) needs.
+``(n, n)`` matrix per attention or FFN block), which mask rearrangement (:mod:`hfprune.pruning.recovery`) needs.
 
 During training (``PruningCallback`` without calibration data) the score is the sum over optimizer steps of each
 step's squared gate gradient (that of its whole batch, averaged over ranks; :meth:`FisherImportance.gate_terms`):

@@ -9,7 +9,7 @@
 
 ``PruningConfig(recovery=...)`` and ``bias_compensation`` pick among them. Exported here: every public name of the
 former single module (``recovery.tune_scales``, ``recovery.compensate_biases``, ...), plus OBS's :func:`reconstruct`;
-``hfprune.pruning.obs`` is an alias of :mod:`.obs`.
+``hfprune.pruning.obs`` (and ``hfprune.obs``) are aliases of :mod:`.obs`.
 """
 
 from __future__ import annotations
