@@ -5,6 +5,9 @@ pre-upload (every file is a "regular" upload here, sent base64 inside the NDJSON
 info, and resolve files (HEAD and GET, with the ``X-Repo-Commit`` / ``ETag`` headers its downloader reads).
 Point ``HF_ENDPOINT`` (``huggingface_hub.constants.ENDPOINT``) at ``server.url``.
 
+:func:`serving` is the test fixture's body: the server, with huggingface_hub (and transformers' shared ``HfApi``)
+pointed at it and online, and ``HF_TOKEN`` set.
+
 Tokens: ``TOKEN`` writes; a missing or other token is refused with 401. Private repos are invisible (401,
 ``RepoNotFound``) without the token. ``server.drop_next`` names an endpoint ("commit", "preupload", ...) whose
 next request gets its connection closed with no response, like a dropped network.
@@ -13,9 +16,11 @@ next request gets its connection closed with no response, like a dropped network
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -28,15 +33,24 @@ USER = "tester"
 class Repo:
     def __init__(self, private: bool):
         self.private = private
+        # in every commit id: ids never repeat across servers, as on the Hub (transformers caches a repo's code
+        # by commit id, across processes, so a repeated id would load code an earlier test pushed)
+        self.nonce = uuid.uuid4().hex
         self.commits: dict = {}  # sha -> {path: bytes}
+        self.messages: dict = {}  # sha -> commit message
         self.branches: dict = {}  # name -> sha
         self.prs = 0
         self.branches["main"] = self._commit({}, "initial commit")
 
     def _commit(self, files: dict, message: str) -> str:
-        sha = hashlib.sha1(json.dumps([message, len(self.commits), sorted(files)]).encode()).hexdigest()
+        sha = hashlib.sha1(json.dumps([self.nonce, message, len(self.commits), sorted(files)]).encode()).hexdigest()
         self.commits[sha] = files
+        self.messages[sha] = message
         return sha
+
+    def tree(self, revision: str = "main") -> dict:
+        """``{path: bytes}`` at a branch or commit."""
+        return self.commits[self.resolve(revision)]
 
     def resolve(self, revision: str) -> str | None:
         if revision in self.branches:
@@ -275,3 +289,23 @@ class HubServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+@contextlib.contextmanager
+def serving(monkeypatch, tmp_path):
+    """A :class:`HubServer`, with huggingface_hub pointed at it and online (tests/conftest.py sets
+    ``HF_HUB_OFFLINE=1`` otherwise) and ``HF_TOKEN`` set to :data:`TOKEN`. transformers' shared ``HfApi`` (which
+    fixes its endpoint when it is made) is made afresh against the server, and dropped afterwards."""
+    from huggingface_hub import constants
+    from transformers.utils import hub as transformers_hub
+
+    with HubServer() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
+        monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        yield server

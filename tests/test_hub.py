@@ -7,27 +7,20 @@ import io
 import pytest
 import torch
 import transformers as T
-from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from hfprune.pipeline.cli import main
 from hfprune.pipeline.hub import HubPushError, push_to_hub
 
-from .hub_server import TOKEN, HubServer
+from .hub_server import serving
 from .test_cli import tiny_recipe
 
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path):
     """The server, with huggingface_hub pointed at it and online (conftest sets HF_HUB_OFFLINE=1 otherwise)."""
-    with HubServer() as server:
-        monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
-        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token-file"))
-        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with serving(monkeypatch, tmp_path) as server:
         yield server
 
 

@@ -237,7 +237,7 @@ def test_reloaded_checkpoint_prunes_again_and_composes(tmp_path, how):
     again.save_pretrained(tmp_path / "again")
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hfprune.PrunedLlamaForCausalLM"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_hfprune.LlamaForCausalLM"
     for reloaded in (hfprune.from_pretrained(tmp_path / "again"),
                      T.AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True)):
         _assert_same(_out(reloaded.eval(), "llama"), _out(again, "llama"))

@@ -9,6 +9,7 @@ safetensors files; the tests then compare per case.
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import os
@@ -165,7 +166,7 @@ def _encode_inputs(inputs: dict) -> tuple:
 def _loader(model_type: str, class_name: str, auto_map: dict | None = None) -> str:
     """The auto class to reload with (the one auto_map or transformers maps the class to), else the class."""
     if auto_map:
-        autos = sorted(a for a, v in auto_map.items() if v.endswith(f".Pruned{class_name}"))
+        autos = sorted(a for a, v in auto_map.items() if v.endswith(f".{class_name}"))
     else:
         autos = save_module.auto_classes_for(model_type, class_name)
     specific = [a for a in autos if a not in ("AutoModel", "AutoModelForPreTraining")]
@@ -423,9 +424,10 @@ def test_heterogeneous_checkpoint_reloads_without_hfprune(reloaded, model_type):
     assert save_module.MODELING_FILE in files and save_module.PLAN_FILE in files, files
     config = json.loads((job.directory / "config.json").read_text())
     assert "hfprune" in config and config["architectures"] == [job.info["class"]]
-    assert config["auto_map"][job.loader].endswith(f".Pruned{job.info['class']}")
+    assert config["auto_map"][job.loader] == f"modeling_hfprune.{job.info['class']}"
     assert res["ok"], res.get("traceback")
-    assert res["class"] == f"Pruned{job.info['class']}" and res["module"].startswith("transformers_modules.")
+    # the checkpoint's own class, named like the transformers class it prunes (pipeline() checks the name)
+    assert res["class"] == job.info["class"] and res["module"].startswith("transformers_modules.")
     _assert_same(job.expected, _io(reloaded, job.name) / "outputs.safetensors")
     if job.generated is not None:
         assert torch.equal(load_file(_io(reloaded, job.name) / "outputs.safetensors")["generated"], job.generated)
@@ -434,9 +436,10 @@ def test_heterogeneous_checkpoint_reloads_without_hfprune(reloaded, model_type):
 def test_modeling_file_imports_only_torch_and_transformers(reloaded):
     job, _ = _result(reloaded, "hetero-llama")
     source = (job.directory / save_module.MODELING_FILE).read_text()
-    imports = sorted({line.split()[1].split(".")[0] for line in source.splitlines()
-                      if line.startswith(("import ", "from "))})
-    assert set(imports) <= {"__future__", "dataclasses", "torch", "transformers"}, imports
+    tree = ast.parse(source)
+    imports = sorted({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+                     | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)})
+    assert imports and set(imports) - set(sys.stdlib_module_names) <= {"torch", "transformers"}, imports
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
@@ -449,6 +452,10 @@ def test_reloaded_checkpoint_saves_again(reloaded, model_type):
     assert (resaved / modeling).read_bytes() == (job.directory / modeling).read_bytes()
     config, original = (json.loads((d / "config.json").read_text()) for d in (resaved, job.directory))
     assert config["hfprune"] == original["hfprune"] and config["auto_map"] == original["auto_map"]
+    assert config["architectures"] == original["architectures"] == [job.info["class"]]
+    # transformers' save, with the checkpoint's code and no hfprune, keeps the plan file: plan, dense sizes, version
+    plan = save_module.PLAN_FILE
+    assert json.loads((resaved / plan).read_text()) == json.loads((job.directory / plan).read_text())
     _assert_same(job.expected, _io(reloaded, job.name) / "resaved_outputs.safetensors")
     if job.generated is not None:
         assert torch.equal(load_file(_io(reloaded, job.name) / "resaved_outputs.safetensors")["generated"],

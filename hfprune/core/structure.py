@@ -12,6 +12,9 @@ Validation of plans happens before this code runs (``hfprune.core.plan``); this 
 
 from __future__ import annotations
 
+import inspect
+import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -448,10 +451,23 @@ def without_dropped(plan: dict) -> dict:
 # Reloading: the generated modeling file subclasses the original transformers class with this mixin.
 
 HFPRUNE_CONFIG_KEY = "hfprune"
+MODELING_FILE = "modeling_hfprune.py"  # this file's name in a checkpoint
+PLAN_FILE = "prune_plan.json"
+# The hfprune version that wrote this code: a checkpoint's modeling_hfprune.py sets it below this file's text, and
+# prune_plan.json records it.
+HFPRUNE_VERSION: str | None = None
+# Arguments of ``save_pretrained(..., push_to_hub=True)`` that say where and how to push, not what to save.
+HUB_ARGUMENTS = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr",
+                 "tags")
 
 
 class PrunedModelMixin:
-    """Rebuilds the pruned shapes right after the stock ``__init__``; loading then fills the weights."""
+    """Rebuilds the pruned shapes right after the stock ``__init__``; loading then fills the weights.
+
+    A checkpoint's ``modeling_hfprune.py`` defines ``class X(PrunedModelMixin, transformers.X)``: the class keeps
+    the stock class's name, because transformers identifies models by class name (``pipeline(...)`` checks it
+    against the task's supported models, and ``save_pretrained`` writes it into ``architectures``).
+    """
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -471,6 +487,27 @@ class PrunedModelMixin:
                     f"{layers}: the checkpoint's config is inconsistent"
                 )
         apply_structure(self.base_model, config, spec, plan)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, plus the ``prune_plan.json`` hfprune writes beside every pruned
+        checkpoint (the plan, the dense model's sizes and ``base_model``, from ``config.hfprune``): a reloaded
+        checkpoint saved or pushed again keeps its provenance. With ``push_to_hub=True`` the folder is saved, then
+        the model is pushed with ``push_to_hub`` (which saves through this method too): transformers would upload
+        from inside its own save, before the plan file is written."""
+        save, hub = split_save_arguments(super().save_pretrained, save_directory, *args, **kwargs)
+        result = super().save_pretrained(**save)
+        if not save.get("is_main_process", True):
+            return result
+        record = getattr(self.config, HFPRUNE_CONFIG_KEY, None) or {}
+        if isinstance(record.get("plan"), dict):
+            text = plan_file_text(record["plan"], self.config.model_type, HFPRUNE_VERSION)
+            with open(os.path.join(os.fspath(save["save_directory"]), PLAN_FILE), "w") as f:
+                f.write(text)
+        if hub is not None:
+            if "max_shard_size" in save:
+                hub["max_shard_size"] = save["max_shard_size"]
+            self.push_to_hub(**hub)
+        return result
 
     @staticmethod
     def _finalize_model_loading(model, *args, **kwargs):
@@ -508,3 +545,39 @@ def _check_pruned_load(model: nn.Module, info, after: bool) -> None:
         parts = ([f"missing from the checkpoint: {missing}"] if missing else []) + (
             [f"in the checkpoint but not in the model: {unexpected}"] if unexpected else [])
         raise ValueError(f"{where}: {'; '.join(parts)}. {hint}")
+
+
+def plan_file_text(plan: dict, model_type: str | None, version: str | None) -> str:
+    """The text of ``prune_plan.json``: ``plan`` in its JSON form, with the model type and the hfprune version."""
+    head = {"hfprune_version": version} if version is not None else {}
+    return json.dumps({**head, "model_type": model_type, **plan}, indent=1) + "\n"
+
+
+def split_save_arguments(method, *args, **kwargs) -> tuple:
+    """``(save, hub)`` for a call ``save_pretrained(*args, **kwargs)`` of ``method`` (a bound transformers
+    ``save_pretrained``). ``save``: the call's arguments as keywords, without ``push_to_hub``. ``hub``: ``None``, or
+    with ``push_to_hub=True`` the keywords of ``push_to_hub`` (:data:`HUB_ARGUMENTS`, taken out of ``save``;
+    ``repo_id`` defaults to the folder's name, as in transformers). Any other argument transformers does not know
+    is refused when pushing: transformers would hand it to ``create_repo``."""
+    signature = inspect.signature(method)
+    bound = signature.bind(*args, **kwargs)
+    save = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            save.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"save_pretrained got {len(value)} positional arguments too many")
+        else:
+            save[name] = value
+    if not save.pop("push_to_hub", False):
+        return save, None
+    hub = {name: save.pop(name) for name in HUB_ARGUMENTS if name in save}
+    unknown = sorted(set(save) - set(signature.parameters))
+    if unknown:
+        raise TypeError(f"save_pretrained(push_to_hub=True) got unknown arguments {unknown}; the Hub arguments "
+                        f"are {list(HUB_ARGUMENTS)}")
+    if hub.get("repo_id") is None:
+        hub["repo_id"] = os.path.basename(os.path.normpath(os.fspath(save["save_directory"])))
+    return save, hub

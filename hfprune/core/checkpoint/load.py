@@ -3,7 +3,7 @@
 
 A heterogeneous checkpoint carries ``modeling_hfprune.py`` so that people without hfprune can load it with
 ``trust_remote_code=True``. hfprune itself does not need that file: ``config.json`` holds the plan and the
-architecture spec, so :func:`from_pretrained` builds ``class PrunedX(PrunedModelMixin, X)`` here, from the installed
+architecture spec, so :func:`from_pretrained` builds ``class X(PrunedModelMixin, X)`` here, from the installed
 ``hfprune.core.structure`` and the stock transformers class ``X``, and loads the weights into it. A checkpoint is read
 only after its three accounts of the pruning agree: ``prune_plan.json``, ``config.json`` (its ``hfprune`` record,
 or for a plain checkpoint its widths) and the weights. Plain and non-hfprune checkpoints load as stock
@@ -318,11 +318,11 @@ def _from_auto(auto: type, config_class: type, names: list, model_type: str) -> 
 
 
 def pruned_class(stock: type) -> type:
-    """``class PrunedX(PrunedModelMixin, X)`` built here from the installed ``hfprune.core.structure`` (one per
-    class)."""
+    """``class X(PrunedModelMixin, X)`` built here from the installed ``hfprune.core.structure`` (one per class;
+    named like the stock class ``X``, as a checkpoint's code names it)."""
     if stock not in _PRUNED_CLASSES:
-        _PRUNED_CLASSES[stock] = type(f"Pruned{stock.__name__}", (structure.PrunedModelMixin, stock),
-                                      {"__module__": __name__, "__doc__": f"{stock.__name__}, pruned by hfprune."})
+        _PRUNED_CLASSES[stock] = type(stock.__name__, (structure.PrunedModelMixin, stock), {
+            "__module__": __name__, "__qualname__": stock.__name__, "__doc__": f"{stock.__name__}, pruned by hfprune."})
     return _PRUNED_CLASSES[stock]
 
 

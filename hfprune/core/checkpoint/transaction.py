@@ -67,7 +67,8 @@ class Transaction:
     Use it as a context manager: it yields the staging folder to write into; a clean exit commits, an exception
     rolls back. ``weights`` (the single-file and index names of a ``save_pretrained``) turns on the removal of the
     earlier save's weight files the new ones supersede; names added to ``superseded`` before the exit are removed
-    too (when they are files and the save does not write them).
+    too (when they are files and the save does not write them). After a commit, ``files`` lists what it wrote and
+    ``removed`` what it removed.
 
     Example:
 
@@ -90,6 +91,8 @@ class Transaction:
         self.target = check_target(directory)
         self.weights = weights
         self.superseded: list = []
+        self.files: list = []  # after a commit: the relative paths it wrote (config.json last)
+        self.removed: list = []  # after a commit: the stale files it removed
         self.staging: Path | None = None
         self._stack = contextlib.ExitStack()
         self._created = False
@@ -144,6 +147,7 @@ class Transaction:
         os.replace(tmp, self.staging / MARKER)
         _fsync(self.staging)
         self._committed = True
+        self.files, self.removed = order, stale
         try:
             _roll_forward(self.target, self.staging, marker)
         except BaseException:
@@ -197,19 +201,24 @@ def stale_weight_files(directory, weights: tuple[str, str], new_files) -> list:
     file when the new save is sharded, the index when it is not. transformers leaves those, and a stale single file
     shadows new shards (its loader looks for the single file first).
     """
+    directory = Path(directory)
+    return stale_weight_names([n for n in sorted(os.listdir(directory)) if (directory / n).is_file()], weights,
+                              new_files)
+
+
+def stale_weight_names(names, weights: tuple[str, str], new_files) -> list:
+    """:func:`stale_weight_files` on a list of file ``names`` (a folder's, or a Hub repo's top-level files)."""
     single, index = weights
     stem = single.replace(".bin", "").replace(".safetensors", "")
-    directory = Path(directory)
-    new_files = set(new_files)
+    names, new_files = set(names), set(new_files)
     stale = []
-    for name in sorted(os.listdir(directory)):
+    for name in sorted(names):
         bare = name.replace(".bin", "").replace(".safetensors", "")
-        if (name.startswith(stem) and name not in new_files and (directory / name).is_file()
-                and _SHARD.fullmatch(bare)):
+        if name.startswith(stem) and name not in new_files and _SHARD.fullmatch(bare):
             stale.append(name)
-    if index in new_files and single not in new_files and (directory / single).is_file():
+    if index in new_files and single not in new_files and single in names:
         stale.append(single)
-    if single in new_files and index not in new_files and (directory / index).is_file():
+    if single in new_files and index not in new_files and index in names:
         stale.append(index)
     return stale
 
