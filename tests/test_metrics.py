@@ -33,14 +33,34 @@ def test_accuracy():
 def test_f1_averages():
     m = metrics.load("f1")
     pred, ref = [0, 1, 1, 0, 2], [0, 1, 0, 0, 1]
-    assert m.compute(predictions=pred, references=ref)["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))  # class 1
+    binary = m.compute(predictions=pred, references=ref, average="binary")["f1"]
+    assert binary == pytest.approx(2 * 1 / (2 * 1 + 1 + 1))  # class 1 only
     per_class = [2 * 2 / (2 * 2 + 0 + 1), 2 * 1 / (2 * 1 + 1 + 1), 0.0]
     assert m.compute(predictions=pred, references=ref, average="macro")["f1"] == pytest.approx(sum(per_class) / 3)
+    # three classes and no averaging given: macro, not the F1 of class 1
+    assert m.compute(predictions=pred, references=ref)["f1"] == pytest.approx(sum(per_class) / 3)
     assert m.compute(predictions=pred, references=ref, average="micro")["f1"] == pytest.approx(3 / 5)
     weighted = (per_class[0] * 3 + per_class[1] * 2) / 5
     assert m.compute(predictions=pred, references=ref, average="weighted")["f1"] == pytest.approx(weighted)
     with pytest.raises(ValueError, match="average='bogus'"):
         m.compute(predictions=pred, references=ref, average="bogus")
+
+
+def test_f1_default_stays_binary_for_two_classes():
+    m = metrics.load("f1")
+    pred, ref = [0, 1, 1, 0], [0, 1, 0, 0]
+    assert m.compute(predictions=pred, references=ref)["f1"] == m.compute(
+        predictions=pred, references=ref, average="binary")["f1"] == pytest.approx(2 / 3)
+    # three classes seen: macro (1 + 0 + 0) / 3, where the F1 of class 1 alone would be 0.0
+    assert m.compute(predictions=[0, 0, 2], references=[0, 0, 1])["f1"] == pytest.approx((1 + 0 + 0) / 3)
+
+
+def test_f1_averages_are_the_recipe_choices():
+    from hfprune.pipeline.specs import F1_AVERAGES
+
+    m = metrics.load("f1")
+    for average in F1_AVERAGES:  # every value a recipe may set is one the metric computes
+        assert 0.0 <= m.compute(predictions=[0, 1, 2], references=[0, 2, 2], average=average)["f1"] <= 1.0
 
 
 def test_regression_metrics_scalar_and_rows():

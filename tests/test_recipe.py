@@ -55,6 +55,9 @@ def test_default_recipe_is_the_shipped_oneshot_file():
     ({"pruning": {"macs_ratio": 0.5}}, "a recipe needs a `name`"),
     ({"name": "t"}, "a recipe needs a `pruning` section"),
     ({**BASE, "data": "movie_reviews"}, "data: expected a mapping of keys, got 'movie_reviews'"),
+    ({**BASE, "evaluation": {"metrics": ["f1"], "f1_average": "macr"}}, "f1_average='macr'; choose one of"),
+    ({**BASE, "evaluation": {"f1_average": "macro"}}, "f1_average='macro' but metrics=['accuracy'] has no f1"),
+    ({**BASE, "data": {"loader": "none"}, "finetune": {"training": {}}}, "data.loader is 'none'"),
 ])
 def test_bad_recipes_name_the_key(raw, message):
     with pytest.raises(RecipeError) as err:

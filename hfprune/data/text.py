@@ -89,22 +89,29 @@ def pack(token_lists: list, block_size: int, eos_id: int | None = None) -> list:
     return [stream[i : i + block_size] for i in range(0, usable, block_size)]
 
 
-def lm_blocks(dataset, tokenizer, block_size: int = 256, max_blocks: int | None = None):
-    """Tokenise a ``text`` dataset and pack it into ``input_ids`` / ``attention_mask`` / ``labels`` blocks.
+def lm_blocks(dataset, tokenizer, block_size: int = 256, max_blocks: int | None = None, text_column: str = "text"):
+    """Tokenise the ``text_column`` of a dataset and pack it into ``input_ids`` / ``attention_mask`` / ``labels``
+    blocks.
 
-    Labels equal the inputs (transformers shifts them inside the causal-LM loss). Articles are separated by the
-    tokenizer's EOS token. ``max_blocks`` keeps the first blocks (in article order) for a bounded evaluation.
+    Labels equal the inputs (transformers shifts them inside the causal-LM loss). Documents (rows) are separated
+    by the tokenizer's EOS token; empty rows are skipped. ``max_blocks`` keeps the first blocks (in row order) for
+    a bounded evaluation.
     """
     import datasets
 
-    if "text" not in dataset.column_names:
-        raise ValueError(f"the dataset needs a 'text' column, it has {dataset.column_names}")
-    ids = tokenizer(list(dataset["text"]), add_special_tokens=False)["input_ids"]
+    if text_column not in dataset.column_names:
+        raise ValueError(f"the dataset needs a {text_column!r} column, it has {dataset.column_names}")
+    texts = [t for t in dataset[text_column] if t is not None and t != ""]
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"column {text_column!r} holds {bad!r}, not text")
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     blocks = pack(ids, block_size, tokenizer.eos_token_id)
     if max_blocks is not None:
         blocks = blocks[:max_blocks]
     if not blocks:
-        raise ValueError(f"the text has fewer than block_size={block_size} tokens")
+        tokens = sum(len(x) for x in ids) + (len(ids) if tokenizer.eos_token_id is not None else 0)
+        raise ValueError(f"the text holds {tokens} tokens, fewer than block_size={block_size} (one block)")
     return datasets.Dataset.from_dict({
         "input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks,
     }).with_format("torch")

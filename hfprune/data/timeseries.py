@@ -43,12 +43,18 @@ NUM_TIME_FEATURES = 4
 
 @dataclass(frozen=True)
 class TimeSeries:
-    """A regularly sampled multichannel series: ``values`` (T, C) float32, ``timestamps`` (T,) datetime64."""
+    """A regularly sampled multichannel series: ``values`` (T, C) float32, ``timestamps`` (T,) datetime64.
+
+    ``covariates`` (T, K) are series known ahead (a calendar, a weather forecast): :func:`forecast_windows` appends
+    them to the time features, which the seq2seq families read for the past and the forecast horizon alike.
+    """
 
     values: np.ndarray
     timestamps: np.ndarray
     channels: tuple
     freq: str
+    covariates: np.ndarray | None = None
+    covariate_names: tuple = ()
 
     def __post_init__(self):
         if self.values.ndim != 2 or len(self.values) != len(self.timestamps):
@@ -58,6 +64,12 @@ class TimeSeries:
             raise ValueError(f"{self.values.shape[1]} value columns but channels={self.channels!r}")
         if not np.isfinite(self.values).all():
             raise ValueError("values contain NaN or inf; fill or drop them first")
+        if self.covariates is not None:
+            if self.covariates.shape != (len(self.values), len(self.covariate_names)):
+                raise ValueError(f"covariates must be (T, K) = ({len(self.values)}, {len(self.covariate_names)}) for "
+                                 f"covariate_names={self.covariate_names!r}; got {self.covariates.shape}")
+            if not np.isfinite(self.covariates).all():
+                raise ValueError("covariates contain NaN or inf; fill or drop them first")
 
 
 def vic_elec() -> TimeSeries:
@@ -138,26 +150,33 @@ class ForecastWindows:
 
 
 def forecast_windows(series: TimeSeries, context_length: int, prediction_length: int, *, extra_past: int = 0,
-                     fractions: tuple = (0.7, 0.1, 0.2), strides: dict | None = None) -> ForecastWindows:
+                     fractions: tuple = (0.7, 0.1, 0.2), strides: dict | None = None,
+                     bounds: dict | None = None, fit_on: str = "train") -> ForecastWindows:
     """Sliding (past, future) windows over ``series``, split by time, scaled with train statistics.
 
     ``extra_past`` lengthens the past beyond ``context_length`` (seq2seq models read ``max(lags_sequence)``
     more steps; :class:`ForecastCollator` cuts each model's share). ``strides`` maps a split to its window
-    stride (default 1 everywhere).
+    stride (default 1 everywhere). ``bounds`` (``{split: (start, end)}``, consecutive spans in time order)
+    replaces the ``fractions`` cut, for series that come split already; ``fit_on`` names the span the scaling is
+    fitted on.
     """
     import datasets
 
     if context_length < 1 or prediction_length < 1 or extra_past < 0:
         raise ValueError(f"context_length={context_length} and prediction_length={prediction_length} must be >= 1,"
                          f" extra_past={extra_past} >= 0")
-    strides = {**dict.fromkeys(SPLITS, 1), **(strides or {})}
-    if set(strides) - set(SPLITS):
-        raise ValueError(f"unknown split(s) in strides: {sorted(set(strides) - set(SPLITS))}; use {SPLITS}")
+    bounds = split_bounds(len(series.values), fractions) if bounds is None else _checked_bounds(bounds, series, fit_on)
+    strides = {**dict.fromkeys(bounds, 1), **(strides or {})}
+    if set(strides) - set(bounds):
+        raise ValueError(f"unknown split(s) in strides: {sorted(set(strides) - set(bounds))}; use {tuple(bounds)}")
     past = context_length + extra_past
-    bounds = split_bounds(len(series.values), fractions)
-    scaler = Scaler.fit(series.values[slice(*bounds["train"])])
+    scaler = Scaler.fit(series.values[slice(*bounds[fit_on])])
     values = scaler.transform(series.values).astype(np.float32)
     feats = time_features(series.timestamps)
+    if series.covariates is not None and series.covariates.shape[1]:
+        # standardised with the train span's statistics too: nothing about later spans reaches training
+        known = Scaler.fit(series.covariates[slice(*bounds[fit_on])]).transform(series.covariates)
+        feats = np.concatenate([feats, known.astype(np.float32)], axis=-1)
     c, f = values.shape[1], feats.shape[1]
     features = datasets.Features({
         "origin": datasets.Value("int64"),
@@ -167,7 +186,7 @@ def forecast_windows(series: TimeSeries, context_length: int, prediction_length:
         "future_time_features": datasets.Array2D((prediction_length, f), "float32"),
     })
     splits = {}
-    for name in SPLITS:
+    for name in bounds:
         origins = forecast_origins(*bounds[name], past, prediction_length, strides[name])
         if len(origins) == 0:
             raise ValueError(f"the {name} span {bounds[name]} is too short for past {past} + horizon "
@@ -180,6 +199,15 @@ def forecast_windows(series: TimeSeries, context_length: int, prediction_length:
         }, features=features).with_format("torch")
     return ForecastWindows(datasets.DatasetDict(splits), scaler, context_length, prediction_length, past,
                            series.channels, series.freq, bounds)
+
+
+def _checked_bounds(bounds: dict, series: TimeSeries, fit_on: str) -> dict:
+    spans = list(bounds.items())
+    if fit_on not in bounds or not spans or spans[0][1][0] != 0 or spans[-1][1][1] != len(series.values) \
+            or any(a[1][1] != b[1][0] for a, b in zip(spans, spans[1:])) or any(s >= e for _, (s, e) in spans):
+        raise ValueError(f"bounds={bounds!r} must be non-empty consecutive spans covering the {len(series.values)} "
+                         f"steps in time order, one of them {fit_on!r} (fit_on)")
+    return dict(bounds)
 
 
 def past_length_for(config) -> int:

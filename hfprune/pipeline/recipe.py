@@ -9,6 +9,10 @@ the code; the sections hfprune defines itself are the dataclasses of :mod:`hfpru
 ``model.task`` names a registered task (:mod:`hfprune.pipeline.tasks`). Command-line overrides use dotted keys:
 ``--pruning.macs_ratio=0.5 --hub.push=true``.
 
+Relative paths in a recipe file (``model.path``, ``data.files``) are relative to the file's folder, so a recipe
+runs from any directory; a ``package.module:function`` next to it imports from there. Paths given as overrides,
+in a dict recipe, and ``output.dir`` stay relative to the current directory.
+
 Example:
 
 ```python
@@ -25,6 +29,7 @@ import copy
 import dataclasses
 import difflib
 import enum
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from .specs import DataSpec, EvalSpec, FinetuneSpec, HubSpec, ModelSpec, OutputSpec
+from .specs import CALLABLE_PATH, DataSpec, EvalSpec, FinetuneSpec, HubSpec, ModelSpec, OutputSpec
 from .tasks import TASKS
 
 METHODS = ("oneshot", "gradual")
@@ -102,7 +107,9 @@ TOP_LEVEL = tuple(SCALARS) + tuple(SECTIONS)
 
 @dataclass
 class Recipe:
-    """A validated recipe: ``raw`` is the resolved dict (defaults not filled in), the rest are built sections."""
+    """A validated recipe: ``raw`` is the resolved dict (defaults not filled in, paths as written), the rest are
+    built sections (relative paths of a recipe file resolved against ``root``, the file's folder; ``None`` for a
+    dict or the default recipe: the current directory)."""
 
     raw: dict
     name: str
@@ -119,6 +126,7 @@ class Recipe:
     distillation: typing.Any = None
     training: dict | None = None
     source: str | None = None
+    root: Path | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -162,7 +170,7 @@ output:
 
 def load_recipe(source: str | Path | dict | None = None, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read (a path, a YAML string, a dict, or ``None`` for the default recipe), apply overrides, validate."""
-    label = "<default recipe>"
+    label, root = "<default recipe>", None
     if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
         raise RecipeError(f"overrides={overrides!r}: give a list of strings like ['--pruning.macs_ratio=0.5']")
     if source is None:
@@ -176,21 +184,50 @@ def load_recipe(source: str | Path | dict | None = None, overrides: typing.Seque
         if not path.is_file():
             raise RecipeError(f"recipe {str(source)!r} " + ("is a directory; give its .yaml file" if path.is_dir()
                                                             else "not found"))
-        label = str(path)
+        label, root = str(path), Path(os.path.abspath(path)).parent  # abspath, not resolve: a symlink's folder
         try:
             raw = yaml.load(path.read_text(), Loader=_StrictLoader)
         except yaml.YAMLError as err:
             raise RecipeError(f"{label}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{label}: a recipe is a mapping of sections, got {type(raw).__name__}")
-    for key, value in parse_overrides(overrides):
+    parsed = parse_overrides(overrides)
+    for key, value in parsed:
         set_dotted(raw, key, value)
     try:
         recipe = validate(raw)
     except RecipeError as err:
         raise RecipeError(f"{label}: {err}") from None
     recipe.source = None if source is None or isinstance(source, dict) else str(source)
+    if root is not None:
+        resolve_paths(recipe, root, overridden=[key for key, _ in parsed])
     return recipe
+
+
+def resolve_paths(recipe: Recipe, root: Path, overridden: typing.Sequence[str] = ()) -> None:
+    """Make the built sections' relative paths (``model.path``, ``data.files``) relative to ``root``, the recipe
+    file's folder, and set ``recipe.root`` (where a ``package.module:function`` imports from). Keys given as
+    overrides (typed on a command line) are left relative to the current directory; ``recipe.raw`` keeps the
+    paths as written. ``output.dir`` is not a recipe's input: it stays where the run is started."""
+
+    def mine(key: str) -> bool:
+        return not any(key == o or key.startswith(o + ".") for o in overridden)
+
+    recipe.root = root
+    path = recipe.model.path
+    if mine("model.path") and not path.startswith("asset:") and not (CALLABLE_PATH.match(path)
+                                                                     and not (root / path).exists()):
+        recipe.model.path = _join(root, path)
+    if recipe.data.files:
+        recipe.data.files = {split: (_join(root, p) if isinstance(p, str) else [_join(root, x) for x in p])
+                             if mine(f"data.files.{split}") else p for split, p in recipe.data.files.items()}
+
+
+def _join(root: Path, path: str) -> str:
+    path = os.path.expanduser(path)
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.join(root, path)
 
 
 def validate(raw: dict) -> Recipe:
@@ -223,6 +260,8 @@ def validate(raw: dict) -> Recipe:
         raise RecipeError(f"model.task={built['model'].task!r}; choose one of {tuple(TASKS)}")
     if "finetune" in raw and raw["finetune"].get("training") is not None:
         _build_section("finetune.training", raw["finetune"]["training"], _training_cls, build=False)
+        if built["data"].loader == "none":
+            raise RecipeError("finetune.training trains on the data's train split, but data.loader is 'none'")
     return Recipe(raw=raw, name=raw["name"], method=method, seed=raw.get("seed", 0), **built)
 
 

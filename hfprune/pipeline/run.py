@@ -11,6 +11,7 @@ budgets is :mod:`hfprune.pipeline.sweep`.
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import importlib
 import json
@@ -18,9 +19,10 @@ import logging
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -38,7 +40,7 @@ from .artifacts import (  # noqa: F401  (RESULTS_FILE, sweep_table, ...: hfprune
     write_results,
 )
 from .recipe import Recipe
-from .specs import DataSpec
+from .specs import DataSpec, EvalSpec
 from .tasks import get_task, load_class_from_config  # noqa: F401  (load_class_from_config: an old hfprune.run name)
 
 logger = logging.getLogger("hfprune")
@@ -50,18 +52,33 @@ ASSET_MODELS = {"minilm": "hfprune.data.assets:minilm_dir", "movie-review-teache
 # ---- Model and data ---------------------------------------------------------------------------------------------
 
 
-def import_object(spec: str):
-    """``"package.module:name"`` -> the object."""
+def import_object(spec: str, root: Path | None = None):
+    """``"package.module:name"`` -> the object. With ``root`` (a recipe's folder), a module there imports too: the
+    folder is first on ``sys.path`` for this import only, as a script's own folder is for the script."""
     module, _, name = spec.partition(":")
+    entry = None if root is None else str(root)
+    if entry is not None:
+        sys.path.insert(0, entry)
+        importlib.invalidate_caches()  # a module written since the last import in this process
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"cannot import {spec!r}: {err}") from None
+        where = f" (looked in the recipe's folder {entry} and on sys.path)" if entry is not None else ""
+        raise ValueError(f"cannot import {spec!r}: {err}{where}") from None
+    finally:
+        if entry is not None:  # this entry only: the imported module may have changed sys.path on purpose
+            index = next((i for i, p in enumerate(sys.path) if p is entry), None)
+            if index is not None:
+                del sys.path[index]
 
 
 def resolve_model_path(recipe: Recipe) -> Path:
     """The directory the dense model loads from: a fine-tuned (cached) model when the recipe has a finetune
-    stage, else ``model.path`` (a directory, ``asset:<name>`` or ``package.module:function``)."""
+    stage, else ``model.path`` (a directory, ``asset:<name>`` or ``package.module:function``). The run and the
+    sweep call it first, so a missing data file is named here, before any model loads."""
+    if recipe.data.loader == "files":
+        for split in recipe.data.files:
+            data_files(recipe.data, split, recipe.root)
     ft = recipe.finetune
     if ft is not None and ft.teacher == "movie_review":
         if recipe.model.path != "asset:minilm":
@@ -70,22 +87,24 @@ def resolve_model_path(recipe: Recipe) -> Path:
         from ..data.teachers import movie_review_teacher
 
         return movie_review_teacher()
-    base = _model_source(recipe.model.path)
+    base = _model_source(recipe.model.path, recipe.root)
     if ft is not None:
         return finetune(recipe, base)
     return base
 
 
-def _model_source(path: str) -> Path:
+def _model_source(path: str, root: Path | None = None) -> Path:
     if path.startswith("asset:"):
         name = path[len("asset:"):]
         if name not in ASSET_MODELS:
             raise ValueError(f"model.path={path!r}: unknown asset; known: {sorted('asset:' + k for k in ASSET_MODELS)}")
         return Path(import_object(ASSET_MODELS[name])())
     if ":" in path and not Path(path).exists():
-        return Path(import_object(path)())
+        return Path(import_object(path, root)())
     if not Path(path).is_dir():
-        raise ValueError(f"model.path={path!r} is not a directory (nor asset:<name> / package.module:function)")
+        where = f" (a relative path in a recipe file is relative to its folder, {root})" if root is not None else ""
+        raise ValueError(f"model.path={path!r} is not a directory (nor asset:<name> / package.module:function)"
+                         f"{where}")
     return Path(path)
 
 
@@ -99,8 +118,9 @@ def load_tokenizer(recipe: Recipe, path: Path):
     return get_task(recipe.model.task).load_tokenizer(path)
 
 
-def read_data(data: DataSpec):
-    """The recipe's ``DatasetDict`` as its loader returns it (``None`` for ``loader: none``), splits checked."""
+def read_data(data: DataSpec, root: Path | None = None):
+    """The recipe's ``DatasetDict`` as its loader returns it (``None`` for ``loader: none``), splits checked.
+    ``root``: the recipe file's folder, where a ``package.module:function`` loader may live."""
     if data.loader == "none":
         return None
     if data.loader == "movie_reviews":
@@ -110,20 +130,39 @@ def read_data(data: DataSpec):
     elif data.loader == "files":
         import datasets
 
+        for split in data.files:
+            data_files(data, split, root)  # a missing file named here, not deep inside datasets
         raw = datasets.load_dataset(data.format, data_files=data.files, **data.kwargs)
     else:
-        raw = import_object(data.loader)(seed=data.seed, **data.kwargs)
+        raw = import_object(data.loader, root)(seed=data.seed, **data.kwargs)
     for split in (data.train_split, data.eval_split):
         if split not in raw:
             raise ValueError(f"data: split {split!r} not in the loaded data; it has {sorted(raw)}")
     return raw
 
 
-def load_data(recipe: Recipe, tokenizer):
+def data_files(data: DataSpec, split: str, root: Path | None = None) -> list:
+    """The files ``data.files[split]`` names, glob patterns expanded (sorted); an error names a path that matches
+    nothing."""
+    paths = data.files[split]
+    out = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        pattern = any(c in path for c in "*?[")
+        found = sorted(glob.glob(path, recursive=True)) if pattern else [path] if os.path.isfile(path) else []
+        if not found:
+            where = f" (a relative path in a recipe file is relative to its folder, {root})" if root else ""
+            raise ValueError(f"data.files[{split!r}]: {path!r} " + ("matches no file" if pattern else "is not a file")
+                             + where)
+        out += found
+    return out
+
+
+def load_data(recipe: Recipe, tokenizer, raw=None, model=None):
     """The recipe's DatasetDict, prepared by its task (text tokenised, labels in ``labels``, other columns
-    dropped), or ``None`` without data."""
-    raw = read_data(recipe.data)
-    return None if raw is None else get_task(recipe.model.task).prepare_data(raw, tokenizer, recipe.data)
+    dropped), or ``None`` without data. ``raw``: the loader's DatasetDict when already read. ``model``: the loaded
+    model, which the task reads (a forecaster's window lengths) and names (word labels into its config)."""
+    raw = read_data(recipe.data, recipe.root) if raw is None else raw
+    return None if raw is None else get_task(recipe.model.task).prepare_data(raw, tokenizer, recipe.data, model)
 
 
 def collator(recipe: Recipe, tokenizer, model):
@@ -142,24 +181,81 @@ def batches(dataset, collate, batch_size: int) -> list:
 # ---- Fine-tune stage --------------------------------------------------------------------------------------------
 
 
+# Files of a model folder that do not change the model: the fine-tune cache key skips them.
+MODEL_FILES_SKIPPED = (".md",)
+# DataSpec keys that do not change what the fine-tune stage trains on: the train split's contents stand for the
+# loader, its paths and seed (a loader's `format` and `kwargs` too, except for `files`, whose bytes are hashed
+# before parsing); the other splits and the calibration/evaluation sizes are read after it. Every other key
+# (columns, max_length, a key added later) is in the cache key.
+NOT_TRAINING_DATA = ("loader", "files", "seed", "train_split", "validation_split", "eval_split", "calibration_samples",
+                     "calibration_batch_size", "max_eval_samples")
+
+
+def _sha256(path: Path, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest
+
+
+def model_digest(directory: Path) -> str:
+    """SHA-256 of a model folder's files (config, weights, tokenizer: every top-level file but hidden ones and
+    ``*.md``), names and bytes. Read in full each time: the alternative, size and mtime, misses a file rewritten
+    in place and changes when a folder is copied; reading runs at disk speed (~0.1 s for MiniLM's 90 MB, seconds
+    for a 1B-parameter model), small next to the run it keys."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix not in MODEL_FILES_SKIPPED:
+            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
+            _sha256(path, digest)
+    return digest.hexdigest()
+
+
+def train_data_digest(recipe: Recipe, raw=None) -> str:
+    """What the fine-tune stage trains on, as a digest of contents (never of paths or names): the bytes of the
+    train split's files for ``loader: files``, else the ``datasets`` fingerprint of the loaded train split
+    (``raw``), which follows its contents and every transform on them."""
+    d = recipe.data
+    if d.loader == "files":
+        digest = hashlib.sha256()
+        for path in data_files(d, d.train_split, recipe.root):
+            _sha256(Path(path), digest).update(b"\0")
+        return digest.hexdigest()
+    return raw[d.train_split]._fingerprint
+
+
+def finetune_settings(recipe: Recipe, base: Path, raw=None) -> dict:
+    """Everything that shapes the fine-tuned model, and nothing else: the base model's files, the training data's
+    contents and how they are read and tokenised, the task and head, the training arguments and the seed. Not the
+    recipe's name nor any path: the same stage under another name, or the same files moved, reuses the model."""
+    d = recipe.data
+    skipped = NOT_TRAINING_DATA + (() if d.loader == "files" else ("format", "kwargs"))
+    prepared = {f.name: getattr(d, f.name) for f in fields(d) if f.init and f.name not in skipped}
+    return {"model": model_digest(base), "task": recipe.model.task, "num_labels": recipe.model.num_labels,
+            "data": {"train": train_data_digest(recipe, raw), **prepared},
+            "training": recipe.finetune.training, "seed": recipe.seed}
+
+
 def finetune(recipe: Recipe, base: Path) -> Path:
-    """Fine-tune the dense model with ``finetune.training`` on the train split, cached by every setting that
-    shapes it (a second run, or another recipe with the same stage, reuses it)."""
+    """Fine-tune the dense model with ``finetune.training`` on the train split, cached by what shapes it
+    (:func:`finetune_settings`): a second run, or another recipe with the same stage, reuses it; changed data,
+    model files or training settings train anew."""
     from transformers import Trainer, TrainingArguments
 
     from ..data.assets import cache_dir
 
-    settings = {"model": str(base), "task": recipe.model.task, "num_labels": recipe.model.num_labels,
-                "data": recipe.raw.get("data", {}), "training": recipe.finetune.training, "seed": recipe.seed}
+    raw = None if recipe.data.loader == "files" else read_data(recipe.data, recipe.root)
+    settings = finetune_settings(recipe, base, raw)
     key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    target = cache_dir() / "finetuned" / f"{recipe.name}-{key}"
+    target = cache_dir() / "finetuned" / key
     if (target / "finetune.json").is_file():
         logger.info("fine-tuned model cached at %s", target)
         return target
     logger.info("fine-tuning the dense model (cached afterwards at %s)", target)
     tokenizer = load_tokenizer(recipe, base)
     model = load_model(recipe, base)
-    data = load_data(recipe, tokenizer)
+    data = load_data(recipe, tokenizer, raw, model)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         args = TrainingArguments(output_dir=os.path.join(tmp, "run"), seed=recipe.seed,
@@ -180,8 +276,29 @@ def finetune(recipe: Recipe, base: Path) -> Path:
 
 
 def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
-    """The recipe's metrics of ``model`` on ``eval_batches``, through hfprune's (local) evaluate modules."""
-    return get_task(recipe.model.task).evaluate(model, eval_batches, recipe.evaluation, recipe.seed)
+    """The recipe's metrics of ``model`` on ``eval_batches``, through hfprune's (local) evaluate modules. F1 is
+    averaged as :func:`f1_average` says, and named ``f1 (macro)`` etc. unless binary (``f1``, as always)."""
+    evaluation = recipe.evaluation
+    average = f1_average(evaluation, model)
+    if average is not None:
+        evaluation = replace(evaluation, f1_average=average)
+    metrics = get_task(recipe.model.task).evaluate(model, eval_batches, evaluation, recipe.seed)
+    return {metric_label(k, average): v for k, v in metrics.items()}
+
+
+def f1_average(evaluation: EvalSpec, model) -> str | None:
+    """How F1 averages over classes: ``evaluation.f1_average`` when the recipe sets it, else binary (the F1 of
+    class 1) for a model with two labels and macro for more; ``None`` when the recipe has no f1 metric."""
+    if "f1" not in evaluation.metrics:
+        return None
+    if evaluation.f1_average is not None:
+        return evaluation.f1_average
+    return "macro" if getattr(model.config, "num_labels", 2) > 2 else "binary"
+
+
+def metric_label(name: str, average: str | None) -> str:
+    """The name a metric's value goes by in the results and tables: ``f1`` names its averaging unless binary."""
+    return f"{name} ({average})" if name == "f1" and average not in (None, "binary") else name
 
 
 def hardware() -> str:
@@ -259,7 +376,7 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
     model = load_model(recipe, path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
-    data = load_data(recipe, tokenizer)
+    data = load_data(recipe, tokenizer, model=model)
     d, e = recipe.data, recipe.evaluation
     collate = collator(recipe, tokenizer, model) if data is not None else None
     calibration = eval_batches = None
@@ -288,11 +405,14 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
     logger.info("pruned: %s", metrics_after)
     results = {
         "hfprune_version": _version(), "recipe": recipe.name, "method": recipe.method, "task": recipe.model.task,
-        # base_model(_id): a Hub id or None, for the card's metadata; model_path: where the dense model came from
-        "base_model": _hub_id(recipe.model.path), "model_path": recipe.model.path,
+        # base_model(_id): a Hub id or None, for the card's metadata (of the resolved path: a relative one as
+        # written could read as owner/name); model_path: where the dense model came from, as the recipe wrote it
+        "base_model": _hub_id(recipe.model.path), "model_path": (recipe.raw.get("model") or {}).get(
+            "path", recipe.model.path),
         "base_model_id": recipe.model.base_model, "base_model_dir": str(path), "model_type": target.config.model_type,
         "dataset": d.loader, "eval": {"split": d.eval_split, "examples": sum(len(next(iter(b.values())))
-                                                                           for b in eval_batches or [])},
+                                                                           for b in eval_batches or []),
+                                      **({"f1_average": f1_average(e, target)} if "f1" in e.metrics else {})},
         "pruning": recipe.pruning.to_dict() if hasattr(recipe.pruning, "to_dict") else {},
         "distilled": recipe.distillation is not None,
         "metrics": {"before": metrics_before, "after": metrics_after},

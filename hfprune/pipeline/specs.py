@@ -15,12 +15,15 @@ FILE_FORMATS = ("csv", "json", "parquet", "text")
 CALLABLE_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 REPO_ID = re.compile(r"^(?:[\w][\w.-]*/)?[\w][\w.-]*$")
 BUILTIN_TEACHERS = ("movie_review",)
+# the averagings of hfprune's local f1 metric (hfprune/metrics/f1/f1.py: AVERAGES)
+F1_AVERAGES = ("binary", "macro", "micro", "weighted")
 
 
 @dataclass
 class ModelSpec:
     path: str = field(default="asset:minilm", metadata={
-        "help": "a local directory, or an offline asset: asset:minilm, asset:movie-review-teacher"})
+        "help": "a local directory (relative: to the recipe file's folder), an offline asset (asset:minilm, "
+                "asset:movie-review-teacher) or package.module:function returning a directory"})
     task: str = field(default="text-classification", metadata={
         "help": "a registered task: text-classification, causal-lm, forecasting (hfprune.pipeline.tasks)"})
     num_labels: int | None = field(default=None, metadata={"help": "classification labels (a new head if set)"})
@@ -42,11 +45,18 @@ class DataSpec:
                 "'package.module:function' returning a DatasetDict (called with `seed` and `kwargs`), or none "
                 "(no data: data-free criteria only, no evaluation)"})
     format: str | None = field(default=None, metadata={"help": "with loader=files: csv, json, parquet, text"})
-    files: dict | None = field(default=None, metadata={"help": "with loader=files: split name -> path(s)"})
+    files: dict | None = field(default=None, metadata={
+        "help": "with loader=files: split name -> path(s); relative paths are relative to the recipe file's folder"})
     kwargs: dict = field(default_factory=dict, metadata={"help": "extra keyword arguments for the loader"})
     seed: int = field(default=0, metadata={"help": "seed of the split (the built-in loaders split with it)"})
     text_column: str = field(default="text", metadata={"help": "column tokenised for text tasks"})
     label_column: str = field(default="label", metadata={"help": "label column for classification"})
+    time_column: str | None = field(default=None, metadata={
+        "help": "forecasting from rows: the column of times (one regular step; the splits follow each other)"})
+    target_columns: list[str] | None = field(default=None, metadata={
+        "help": "forecasting from rows: the columns forecast (the model's channels)"})
+    covariate_columns: list[str] | None = field(default=None, metadata={
+        "help": "forecasting from rows: series known ahead, fed as time features (seq2seq families only)"})
     max_length: int = field(default=128, metadata={"help": "tokeniser truncation length"})
     train_split: str = field(default="train", metadata={"help": "split used for calibration and training"})
     validation_split: str | None = field(default="validation", metadata={"help": "split evaluated during training"})
@@ -100,6 +110,9 @@ class EvalSpec:
     latency_seq_len: int = field(default=128, metadata={"help": "tokens per row of the latency input"})
     latency_rounds: int = field(default=7, metadata={"help": "timed rounds (dense and pruned alternate)"})
     periodicity: int = field(default=1, metadata={"help": "seasonal lag of the mase metric (forecasting)"})
+    f1_average: str | None = field(default=None, metadata={
+        "help": f"how the f1 metric averages over classes, one of {F1_AVERAGES}; None: binary (F1 of class 1) for "
+                "a model with two labels, macro for more"})
 
     def __post_init__(self):
         for name in ("batch_size", "latency_batch_size", "latency_seq_len", "latency_rounds", "periodicity"):
@@ -108,6 +121,15 @@ class EvalSpec:
         bad = [m for m in self.metrics if not isinstance(m, str) or not m.strip()]
         if bad:
             raise ValueError(f"metrics={self.metrics!r}: {bad[0]!r} is not a metric name (accuracy, f1, mse, ...)")
+        if self.f1_average is not None:
+            if self.f1_average not in F1_AVERAGES:
+                raise ValueError(f"f1_average={self.f1_average!r}; choose one of {F1_AVERAGES}")
+            if "f1" not in self.metrics:
+                raise ValueError(f"f1_average={self.f1_average!r} but metrics={self.metrics!r} has no f1")
+
+    def metric_kwargs(self, name: str) -> dict:
+        """Keyword arguments this section sets for metric ``name``'s ``compute`` (f1's ``average``)."""
+        return {"average": self.f1_average} if name == "f1" and self.f1_average is not None else {}
 
 
 @dataclass

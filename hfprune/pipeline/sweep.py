@@ -63,7 +63,7 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> SweepResults
     path = run.resolve_model_path(recipe)
     tokenizer = run.load_tokenizer(recipe, path)
     dense = run.load_model(recipe, path)
-    data = run.load_data(recipe, tokenizer)
+    data = run.load_data(recipe, tokenizer, model=dense)
     if data is None:
         raise ValueError("sweep needs data to evaluate each budget (data.loader is none)")
     d, e = recipe.data, recipe.evaluation

@@ -98,8 +98,10 @@ class Task:
         """The tokenizer saved with the model, or ``None`` for a task whose inputs are not text."""
         return None
 
-    def prepare_data(self, raw, tokenizer, data: DataSpec):
-        """The loaded ``DatasetDict`` as the model's forward takes it (tokenised, labels in ``labels``)."""
+    def prepare_data(self, raw, tokenizer, data: DataSpec, model=None):
+        """The loaded ``DatasetDict`` as the model's forward takes it (tokenised, labels in ``labels``). ``model``
+        is the loaded model, for what the data take from it (a forecaster's window lengths) or give it (label
+        names into its config); ``None`` where a caller has no model, and then such data are refused."""
         return raw
 
     def collator(self, tokenizer, model):
@@ -116,8 +118,9 @@ class Task:
         raise NotImplementedError
 
     def metric_inputs(self, name: str, seen: dict, evaluation: EvalSpec) -> dict:
-        """Keyword arguments of metric ``name``'s ``compute``."""
-        return {"predictions": seen["predictions"], "references": seen["references"]}
+        """Keyword arguments of metric ``name``'s ``compute`` (with those the recipe sets, e.g. f1's average)."""
+        return {"predictions": seen["predictions"], "references": seen["references"],
+                **evaluation.metric_kwargs(name)}
 
     def evaluate(self, model, batches: list, evaluation: EvalSpec, seed: int) -> dict:
         """``evaluation.metrics`` of ``model`` on ``batches``, through hfprune's (local) evaluate modules."""
@@ -148,6 +151,18 @@ class Task:
         raise NotImplementedError
 
 
+def require_columns(raw, columns: dict) -> None:
+    """Every split of ``raw`` has rows and the ``columns`` (``{recipe key: column}``); else the error names the
+    key, the split and the columns it has."""
+    for split, rows in raw.items():
+        found = rows.column_names
+        for key, column in columns.items():
+            if column not in found:
+                raise ValueError(f"data.{key}={column!r} is not a column of split {split!r}; its columns are {found}")
+        if rows.num_rows == 0:
+            raise ValueError(f"data: split {split!r} has no rows (columns found: {found})")
+
+
 class TextTask(Task):
     """Tasks on tokenised text: the tokenizer saved with the model, ``text_column`` tokenised."""
 
@@ -163,11 +178,20 @@ class TextTask(Task):
         """One ``datasets.map`` batch of raw rows -> the model's inputs."""
         return tokenizer(batch[data.text_column], truncation=True, max_length=data.max_length)
 
-    def prepare_data(self, raw, tokenizer, data: DataSpec):
-        if tokenizer is None or data.text_column not in raw[data.train_split].column_names:
-            return raw  # already tokenised by its loader
+    def prepare_data(self, raw, tokenizer, data: DataSpec, model=None):
+        if not self.needs_tokenising(raw, tokenizer, data):
+            return raw
         return raw.map(lambda batch: self.tokenize(batch, tokenizer, data), batched=True,
                        remove_columns=raw[data.train_split].column_names, desc="tokenise")
+
+    def needs_tokenising(self, raw, tokenizer, data: DataSpec) -> bool:
+        """Whether ``raw`` holds text to tokenise (``False``: token ids from its loader). Text rows are checked:
+        every split has rows and ``data.text_column``, else the error names the columns found."""
+        found = raw[data.train_split].column_names
+        if tokenizer is None or data.text_column not in found and "input_ids" in found:
+            return False  # already tokenised by its loader
+        require_columns(raw, {"text_column": data.text_column})
+        return True
 
     def latency_input(self, model, eval_batches: list, evaluation: EvalSpec, seed: int) -> dict | None:
         """Random token ids of ``latency_batch_size`` x ``latency_seq_len``: content does not change the work."""
@@ -185,6 +209,17 @@ class TextClassificationTask(TextTask):
     auto_class = "AutoModelForSequenceClassification"
     card_task_type = "text-classification"
     pipeline_tag = "text-classification"
+
+    def prepare_data(self, raw, tokenizer, data: DataSpec, model=None):
+        """Labels written as words become ids: the sorted names of the train split (or the model's own
+        ``id2label`` when its config names its labels), the same for every split, and the names go into the
+        model's ``id2label`` / ``label2id``, so the saved checkpoint's config.json carries them."""
+        from ..data.labels import encode_labels
+
+        if self.needs_tokenising(raw, tokenizer, data):
+            require_columns(raw, {"label_column": data.label_column})
+            raw, _ = encode_labels(raw, data.label_column, data.train_split, getattr(model, "config", None))
+        return super().prepare_data(raw, tokenizer, data, model)
 
     def tokenize(self, batch: dict, tokenizer, data: DataSpec) -> dict:
         out = super().tokenize(batch, tokenizer, data)
@@ -211,6 +246,27 @@ class CausalLMTask(TextTask):
     card_task_type = "text-generation"
     pipeline_tag = "text-generation"
 
+    def prepare_data(self, raw, tokenizer, data: DataSpec, model=None):
+        """Text is tokenised and packed into blocks of ``data.max_length`` tokens, each split on its own (documents
+        joined by EOS; a block never holds text of two splits, and the last incomplete block is dropped)."""
+        import datasets
+
+        from ..data.text import lm_blocks
+
+        if not self.needs_tokenising(raw, tokenizer, data):
+            return raw
+        positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if positions is not None and data.max_length > positions:
+            raise ValueError(f"data.max_length={data.max_length}: blocks longer than the model's "
+                             f"{positions} positions (max_position_embeddings)")
+        blocks = {}
+        for split, rows in raw.items():
+            try:
+                blocks[split] = lm_blocks(rows, tokenizer, data.max_length, text_column=data.text_column)
+            except ValueError as err:
+                raise ValueError(f"data: split {split!r}: {err}; lower data.max_length or give more text") from None
+        return datasets.DatasetDict({k: v.remove_columns("labels").with_format(None) for k, v in blocks.items()})
+
     def collator(self, tokenizer, model):
         from transformers import DataCollatorForLanguageModeling
 
@@ -235,6 +291,27 @@ class ForecastingTask(Task):
 
     name = "forecasting"
     card_task_type = "time-series-forecasting"
+
+    def prepare_data(self, raw, tokenizer, data: DataSpec, model=None):
+        """Windows pass through; rows (``data.time_column``, ``data.target_columns``, optional
+        ``data.covariate_columns``) are cut into the model's windows, the splits being consecutive spans of time
+        (:func:`hfprune.data.forecast_rows.model_windows`)."""
+        from ..data.forecast_rows import model_windows
+
+        found = raw[data.train_split].column_names
+        if "past_values" in found:
+            return raw  # windows from a loader (hfprune.data.timeseries.forecast_windows)
+        if data.time_column is None or not data.target_columns:
+            raise ValueError(f"data: the rows have columns {found}, not forecasting windows (past_values, "
+                             "future_values); set data.time_column and data.target_columns to cut them into windows")
+        if model is None:
+            raise ValueError("cutting rows into forecasting windows needs the model (its context_length and "
+                             "prediction_length): prepare_data(raw, None, data, model)")
+        splits = [data.train_split, data.validation_split, data.eval_split]
+        splits = [s for s in dict.fromkeys(splits) if s is not None and s in raw]
+        windows = model_windows({s: raw[s] for s in splits}, model.config, data.time_column, data.target_columns,
+                                data.covariate_columns, train_split=data.train_split)
+        return windows.dataset
 
     def collator(self, tokenizer, model):
         from ..data.timeseries import ForecastCollator

@@ -10,9 +10,10 @@ _INPUTS = """
 Args:
     predictions (list of int): predicted labels.
     references (list of int): true labels.
-    average (str, default "binary"): "binary" (the class pos_label only), "macro" (unweighted mean over the
-        classes present), "micro" (from global counts; equals accuracy for single-label data) or "weighted"
-        (mean weighted by each class's number of references).
+    average (str, optional): "binary" (the class pos_label only), "macro" (unweighted mean over the classes
+        present), "micro" (from global counts; equals accuracy for single-label data) or "weighted" (mean
+        weighted by each class's number of references). Default: "binary" when at most two distinct labels occur
+        in predictions and references, else "macro" (a binary F1 of class 1 says little about three classes).
     pos_label (int, default 1): the positive class for average="binary".
 Returns:
     f1 (float): in [0, 1]; a class with no predicted and no true examples scores 0.
@@ -20,6 +21,8 @@ Examples:
     >>> metric = evaluate.load("hfprune/metrics/f1")
     >>> metric.compute(predictions=[0, 1, 1, 0], references=[0, 1, 0, 0])
     {'f1': 0.6666666666666666}
+    >>> metric.compute(predictions=[0, 1, 2, 2], references=[0, 1, 2, 1])  # three classes: macro
+    {'f1': 0.7777777777777777}
 """
 
 AVERAGES = ("binary", "macro", "micro", "weighted")
@@ -40,12 +43,15 @@ class F1(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
         )
 
-    def _compute(self, predictions, references, average="binary", pos_label=1):
-        if average not in AVERAGES:
+    def _compute(self, predictions, references, average=None, pos_label=1):
+        if average is not None and average not in AVERAGES:
             raise ValueError(f"average={average!r}; choose one of {AVERAGES}")
         pred, ref = np.asarray(predictions), np.asarray(references)
+        classes = np.union1d(pred, ref).tolist()
+        if average is None:
+            average = "binary" if len(classes) <= 2 else "macro"
         counts = {c: (float(((pred == c) & (ref == c)).sum()), float(((pred == c) & (ref != c)).sum()),
-                      float(((pred != c) & (ref == c)).sum())) for c in np.union1d(pred, ref).tolist()}
+                      float(((pred != c) & (ref == c)).sum())) for c in classes}
         if average == "binary":
             return {"f1": _f1(*counts.get(pos_label, (0.0, 0.0, 0.0)))}
         if average == "micro":
