@@ -67,9 +67,11 @@ def _summary(results: dict) -> str:
     return ", ".join(x for x in parts if x)
 
 
-def card_text(results: dict, recipe_yaml: str | None, plots: list, remote_code: bool = True) -> str:
+def card_text(results: dict, recipe_yaml: str | None, plots: list, remote_code: bool = True,
+              labels: dict | None = None) -> str:
     """The card's markdown body; ``remote_code``: the checkpoint carries ``modeling_hfprune.py`` (per-layer
-    widths), else it is a plain checkpoint that stock transformers loads."""
+    widths), else it is a plain checkpoint that stock transformers loads; ``labels``: the config's ``id2label``,
+    listed under the results when it names real labels (not the default ``LABEL_0``, ``LABEL_1``, ...)."""
     name = results.get("recipe") or "pruned model"
     task_cls = TASKS.get(results.get("task"))
     auto = task_cls.auto_class if task_cls and task_cls.auto_class else "AutoModel"
@@ -93,6 +95,7 @@ def card_text(results: dict, recipe_yaml: str | None, plots: list, remote_code: 
         "",
         results_table(results) if "before" in results["params"] else "",
         "",
+        *([labels_line(labels), ""] if labels_line(labels) else []),
         "## How to load",
         "",
         *(_load_remote(auto) if remote_code else _load_plain(auto)),
@@ -108,6 +111,25 @@ def card_text(results: dict, recipe_yaml: str | None, plots: list, remote_code: 
     if recipe_yaml:
         lines += ["## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+MAX_LABELS = 40
+
+
+def labels_line(id2label: dict | None) -> str | None:
+    """A markdown line naming the output labels (``id2label``, keys as ints or as the strings config.json holds),
+    or ``None`` when there are none or all are transformers' defaults ``LABEL_<i>``. Pure."""
+    if not id2label:
+        return None
+    try:
+        items = sorted((int(k), str(v)) for k, v in id2label.items())
+    except (TypeError, ValueError):
+        return None
+    if all(name == f"LABEL_{i}" for i, name in items):
+        return None
+    shown = ", ".join(f"{i} = `{name}`" for i, name in items[:MAX_LABELS])
+    more = f", and {len(items) - MAX_LABELS} more (see `id2label` in config.json)" if len(items) > MAX_LABELS else ""
+    return f"Labels ({len(items)}, from `id2label` in config.json): {shown}{more}."
 
 
 def _load_remote(auto: str) -> list:
@@ -160,10 +182,21 @@ def build_card(directory: str | Path, repo_id: str | None = None):
     recipe_yaml = recipe_path.read_text() if recipe_path.is_file() else None
     plots = results.get("plots") or sorted(str(p.relative_to(directory)) for p in (directory / "plots").glob("*.png"))
     data = card_data(results)
-    text = card_text(results, recipe_yaml, plots, remote_code=_has_remote_code(directory))
+    text = card_text(results, recipe_yaml, plots, remote_code=_has_remote_code(directory),
+                     labels=_id2label(directory))
     if repo_id:
         text = text.replace('"REPO_ID"', json.dumps(repo_id))
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def _id2label(directory: Path) -> dict | None:
+    """The checkpoint config's ``id2label`` (``None`` when it has none or config.json cannot be read)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    labels = config.get("id2label")
+    return labels if isinstance(labels, dict) else None
 
 
 def _has_remote_code(directory: Path) -> bool:
