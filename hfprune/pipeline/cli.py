@@ -314,7 +314,7 @@ def env_info() -> dict:
     import torch
 
     from ..version import __version__
-    from .run import hardware
+    from .evaluation import hardware
 
     info = {"hfprune": __version__, "python": platform.python_version(), "platform": platform.platform()}
     for dist in ("torch", "transformers", "accelerate", "datasets", "evaluate", "peft", "huggingface_hub",

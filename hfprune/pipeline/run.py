@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import glob
-import hashlib
 import importlib
 import json
 import logging
@@ -22,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,8 +38,10 @@ from .artifacts import (  # noqa: F401  (RESULTS_FILE, sweep_table, ...: hfprune
     sweep_table,
     write_results,
 )
+from .evaluation import evaluate_model, f1_average, hardware, latency_input, metric_label  # noqa: F401
+from .finetune_cache import cache_key, files_digest, finetune_settings, model_digest  # noqa: F401
 from .recipe import Recipe
-from .specs import DataSpec, EvalSpec
+from .specs import DataSpec
 from .tasks import get_task, load_class_from_config  # noqa: F401  (load_class_from_config: an old hfprune.run name)
 
 logger = logging.getLogger("hfprune")
@@ -181,60 +182,14 @@ def batches(dataset, collate, batch_size: int) -> list:
 # ---- Fine-tune stage --------------------------------------------------------------------------------------------
 
 
-# Files of a model folder that do not change the model: the fine-tune cache key skips them.
-MODEL_FILES_SKIPPED = (".md",)
-# DataSpec keys that do not change what the fine-tune stage trains on: the train split's contents stand for the
-# loader, its paths and seed (a loader's `format` and `kwargs` too, except for `files`, whose bytes are hashed
-# before parsing); the other splits and the calibration/evaluation sizes are read after it. Every other key
-# (columns, max_length, a key added later) is in the cache key.
-NOT_TRAINING_DATA = ("loader", "files", "seed", "train_split", "validation_split", "eval_split", "calibration_samples",
-                     "calibration_batch_size", "max_eval_samples")
-
-
-def _sha256(path: Path, digest=None):
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest
-
-
-def model_digest(directory: Path) -> str:
-    """SHA-256 of a model folder's files (config, weights, tokenizer: every top-level file but hidden ones and
-    ``*.md``), names and bytes. Read in full each time: the alternative, size and mtime, misses a file rewritten
-    in place and changes when a folder is copied; reading runs at disk speed (~0.1 s for MiniLM's 90 MB, seconds
-    for a 1B-parameter model), small next to the run it keys."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix not in MODEL_FILES_SKIPPED:
-            digest.update(f"{path.name}\0{path.stat().st_size}\0".encode())
-            _sha256(path, digest)
-    return digest.hexdigest()
-
-
 def train_data_digest(recipe: Recipe, raw=None) -> str:
     """What the fine-tune stage trains on, as a digest of contents (never of paths or names): the bytes of the
     train split's files for ``loader: files``, else the ``datasets`` fingerprint of the loaded train split
     (``raw``), which follows its contents and every transform on them."""
     d = recipe.data
     if d.loader == "files":
-        digest = hashlib.sha256()
-        for path in data_files(d, d.train_split, recipe.root):
-            _sha256(Path(path), digest).update(b"\0")
-        return digest.hexdigest()
+        return files_digest(data_files(d, d.train_split, recipe.root))
     return raw[d.train_split]._fingerprint
-
-
-def finetune_settings(recipe: Recipe, base: Path, raw=None) -> dict:
-    """Everything that shapes the fine-tuned model, and nothing else: the base model's files, the training data's
-    contents and how they are read and tokenised, the task and head, the training arguments and the seed. Not the
-    recipe's name nor any path: the same stage under another name, or the same files moved, reuses the model."""
-    d = recipe.data
-    skipped = NOT_TRAINING_DATA + (() if d.loader == "files" else ("format", "kwargs"))
-    prepared = {f.name: getattr(d, f.name) for f in fields(d) if f.init and f.name not in skipped}
-    return {"model": model_digest(base), "task": recipe.model.task, "num_labels": recipe.model.num_labels,
-            "data": {"train": train_data_digest(recipe, raw), **prepared},
-            "training": recipe.finetune.training, "seed": recipe.seed}
 
 
 def finetune(recipe: Recipe, base: Path) -> Path:
@@ -246,8 +201,8 @@ def finetune(recipe: Recipe, base: Path) -> Path:
     from ..data.assets import cache_dir
 
     raw = None if recipe.data.loader == "files" else read_data(recipe.data, recipe.root)
-    settings = finetune_settings(recipe, base, raw)
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = finetune_settings(recipe, base, train_data_digest(recipe, raw))
+    key = cache_key(settings)
     target = cache_dir() / "finetuned" / key
     if (target / "finetune.json").is_file():
         logger.info("fine-tuned model cached at %s", target)
@@ -270,50 +225,6 @@ def finetune(recipe: Recipe, base: Path) -> Path:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(out, target)
     return target
-
-
-# ---- Evaluation and latency -------------------------------------------------------------------------------------
-
-
-def evaluate_model(recipe: Recipe, model, eval_batches: list) -> dict:
-    """The recipe's metrics of ``model`` on ``eval_batches``, through hfprune's (local) evaluate modules. F1 is
-    averaged as :func:`f1_average` says, and named ``f1 (macro)`` etc. unless binary (``f1``, as always)."""
-    evaluation = recipe.evaluation
-    average = f1_average(evaluation, model)
-    if average is not None:
-        evaluation = replace(evaluation, f1_average=average)
-    metrics = get_task(recipe.model.task).evaluate(model, eval_batches, evaluation, recipe.seed)
-    return {metric_label(k, average): v for k, v in metrics.items()}
-
-
-def f1_average(evaluation: EvalSpec, model) -> str | None:
-    """How F1 averages over classes: ``evaluation.f1_average`` when the recipe sets it, else binary (the F1 of
-    class 1) for a model with two labels and macro for more; ``None`` when the recipe has no f1 metric."""
-    if "f1" not in evaluation.metrics:
-        return None
-    if evaluation.f1_average is not None:
-        return evaluation.f1_average
-    return "macro" if getattr(model.config, "num_labels", 2) > 2 else "binary"
-
-
-def metric_label(name: str, average: str | None) -> str:
-    """The name a metric's value goes by in the results and tables: ``f1`` names its averaging unless binary."""
-    return f"{name} ({average})" if name == "f1" and average not in (None, "binary") else name
-
-
-def hardware() -> str:
-    """The device latency is measured on, named for the model card: CPU model, cores, torch threads; or GPU."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    from ..pruning.latency import cpu_name
-
-    return f"{cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
-
-def latency_input(recipe: Recipe, model, eval_batches: list) -> dict | None:
-    """A fixed-size batch to time dense and pruned models on (see the task's ``latency_input``); ``None`` when the
-    task needs evaluation rows for it and there are none."""
-    return get_task(recipe.model.task).latency_input(model, eval_batches, recipe.evaluation, recipe.seed)
 
 
 # ---- The run ----------------------------------------------------------------------------------------------------

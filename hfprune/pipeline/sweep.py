@@ -25,6 +25,7 @@ from ..pruning.latency import time_models
 # (tests forbid loading there, to prove every argument is checked before a model is loaded).
 from . import run
 from .artifacts import PARETO_PLOT, SWEEP_FILE, SWEEP_SUFFIX, SWEEP_TABLE_FILE, SweepResults, sweep_table
+from .evaluation import evaluate_model, hardware, latency_input
 from .recipe import Recipe
 
 logger = logging.getLogger("hfprune")
@@ -72,10 +73,10 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> SweepResults
                               d.calibration_batch_size)
     eval_batches = run.batches(run.subset(data[d.eval_split], d.max_eval_samples, recipe.seed), collate,
                                e.batch_size)
-    batch = run.latency_input(recipe, dense, eval_batches)
+    batch = latency_input(recipe, dense, eval_batches)
     dense_cost = cost.estimate(dense, seq_len=recipe.pruning.seq_len)
-    out = {"dense": {"metrics": run.evaluate_model(recipe, dense, eval_batches), "macs": dense_cost.macs,
-                     "params": dense_cost.params}, "points": [], "key": key, "hardware": run.hardware(),
+    out = {"dense": {"metrics": evaluate_model(recipe, dense, eval_batches), "macs": dense_cost.macs,
+                     "params": dense_cost.params}, "points": [], "key": key, "hardware": hardware(),
            "criterion": recipe.pruning.criterion,
            "recovery": recipe.pruning.resolved_recovery + ("+bias" if recipe.pruning.bias_compensation else "")}
     scores = None
@@ -95,7 +96,7 @@ def sweep(recipe: Recipe, ratios: list, key: str = "macs_ratio") -> SweepResults
             prune(model, calibration, config)
         after = cost.estimate(model, seq_len=config.seq_len)
         times = time_models({"dense": dense, "pruned": model}, batch, e.latency_rounds)
-        point = {"ratio": float(ratio), "metrics": run.evaluate_model(recipe, model, eval_batches),
+        point = {"ratio": float(ratio), "metrics": evaluate_model(recipe, model, eval_batches),
                  "macs": after.macs, "params": after.params,
                  "latency_ms": statistics.median(times["pruned"]),
                  "dense_latency_ms": statistics.median(times["dense"])}
