@@ -37,6 +37,7 @@ from ..core import cost
 from ..core.apply import apply_plan, as_model
 from ..core.blocks import get_block
 from ..core.calibration import calibration_batches, check_batches, token_rows, watch_output_projections
+from ..core.distributed import broadcast_from_first, mean_across_ranks
 from ..core.masking import Masks
 from ..core.plan import PlanError, PrunePlan
 from .config import PruningConfig, require_config
@@ -198,7 +199,7 @@ class PruningCallback(TrainerCallback):
         scaler = getattr(optimizer, "scaler", None)
         if scaler is not None and scaler.is_enabled():  # fp16: gate gradients carry the loss scale
             grads = grads / scaler.get_scale()
-        grads = _mean_across_ranks(grads)
+        grads = mean_across_ranks(grads)
         if not torch.isfinite(grads).all():
             return control  # an overflowing fp16 step: the optimizer skips it, so do we
         self._accumulate(self.criterion.gate_terms(grads))
@@ -268,7 +269,7 @@ class PruningCallback(TrainerCallback):
         kwargs = {"latency": self._latency} if self._latency is not None else {}
         plan = _intersect(plan_from_scores(self.model, scores, cfg, **kwargs), before)
         self.masks.set_plan(plan)
-        _broadcast_gates(self.masks)  # belt and braces: every rank applies rank 0's plan
+        broadcast_from_first(self.masks.gates.values())  # belt and braces: every rank applies rank 0's plan
         self._scores, self._score_steps = {}, 0
         self._build_zero_targets()
         self._zero_masked_weights()
@@ -331,7 +332,7 @@ class PruningCallback(TrainerCallback):
         flat = torch.cat([self._act_buffer.get(k, torch.zeros(g.numel(), device=g.device)).to(g.device).flatten()
                           for k, g in self.masks.gates.items()])
         self._act_buffer = {}
-        self._accumulate(_mean_across_ranks(flat))
+        self._accumulate(mean_across_ranks(flat))
 
     def _unwatch_activations(self) -> None:
         for h in self._act_handles:
@@ -423,29 +424,6 @@ def _intersect(plan: PrunePlan, before: PrunePlan) -> PrunePlan:
                 keep = entry[name]
                 entry[name] = sorted(set(prev[name]) if keep is None else set(keep) & set(prev[name]))
     return PrunePlan.from_dict(new)
-
-
-def _world() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _mean_across_ranks(flat: torch.Tensor) -> torch.Tensor:
-    """Average over ranks, as DDP averages parameter gradients (gloo has no AVG: sum, then divide)."""
-    world = _world()
-    if world > 1:
-        flat = flat.contiguous()
-        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
-        flat = flat / world
-    return flat
-
-
-def _broadcast_gates(masks: Masks) -> None:
-    if _world() > 1:
-        with torch.no_grad():
-            for gate in masks.gates.values():
-                torch.distributed.broadcast(gate.data, src=0)
 
 
 def _write_json(path: str, data: dict) -> None:
