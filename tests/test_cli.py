@@ -195,12 +195,16 @@ def test_gradual_with_distillation(ran, capsys):
                schedule={"kind": "gradual", "start_step": 0, "end_step": 4, "every": 2})
     raw["output"]["dir"] = str(root / "gradual")
     path.write_text(yaml.safe_dump(raw))
+    users = root / ".gradual.trainer"  # the scratch folder's old fixed name: a folder hfprune did not write
+    users.mkdir(exist_ok=True)
+    (users / "keep.txt").write_text("mine")
     assert main(["run", str(path), "--evaluation.latency=false"]) == 0
     results = json.loads((root / "gradual" / "hfprune_results.json").read_text())
     assert results["distilled"] and results["macs"]["after"] <= 0.5 * results["macs"]["before"]
     assert "latency" not in results
     assert "- distilled" in (root / "gradual" / "README.md").read_text().split("---")[1]  # card tag
-    assert not (root / ".gradual.trainer").exists()  # trainer scratch removed
+    assert not list(root.glob(".gradual.trainer-*"))  # the run's trainer scratch removed
+    assert (users / "keep.txt").read_text() == "mine"  # and nothing it did not write
 
 
 # -- the other tasks: a tiny Llama on token blocks (perplexity) and a tiny PatchTST on windows (mse/mae/mase) --

@@ -47,7 +47,7 @@ def tiny(tmp_path_factory):
 
 def _pruned(tiny, plan=HETERO):
     dense = T.BertForSequenceClassification.from_pretrained(tiny).eval()
-    dense.config._name_or_path = "org/tiny-bert"  # as from_pretrained("org/tiny-bert") sets it: the base_model
+    dense.config._name_or_path = "org/tiny-bert"  # as loading by the Hub id org/tiny-bert sets it: the base_model
     return hfprune.apply_plan(dense, plan).eval()
 
 

@@ -306,7 +306,7 @@ def test_card_of_a_saved_checkpoint_names_the_hub_model_it_came_from(tmp_path):
     from hfprune.pipeline.card import build_card
 
     dense = _build()
-    dense.config._name_or_path = "org/tiny-bert"  # as from_pretrained("org/tiny-bert") sets it
+    dense.config._name_or_path = "org/tiny-bert"  # as loading by the Hub id org/tiny-bert sets it
     hfprune.apply_plan(dense, HETERO).save_pretrained(tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / PLAN_FILE).read_text())["base_model"] == "org/tiny-bert"
     card = build_card(tmp_path / "ckpt")

@@ -251,7 +251,10 @@ def _prune_gradual(recipe: Recipe, model, teacher, data, collate, out_dir: Path)
 
     from ..pruning.callback import PruningCallback
 
-    args = TrainingArguments(output_dir=str(out_dir.parent / f".{out_dir.name}.trainer"), seed=recipe.seed,
+    # A scratch folder this run creates (never a fixed name: removing it afterwards must not remove anything else)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=f".{out_dir.name}.trainer-", dir=out_dir.parent)
+    args = TrainingArguments(output_dir=scratch, seed=recipe.seed,
                              **{"save_strategy": "no", "report_to": [], **recipe.training})
     # Scores come from the training run itself (gate gradients, activations or weights: see PruningCallback),
     # which costs nothing extra; calibration batches would add a scoring pass at every pruning step.
