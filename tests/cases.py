@@ -51,7 +51,14 @@ def random_plan(model, seed: int, gqa_uniform: bool = True) -> dict:
             entry = {}
             for name, size in blocks.items():
                 is_attn = name in stack.attention
-                if is_attn and i == 0:
+                if name == "experts":  # routed experts: a random subset, at least the router's top-k
+                    top_k = getattr(model.config, "num_experts_per_tok", 1)
+                    entry[name] = sorted(rng.sample(range(size[0]), rng.randint(top_k, size[0] - 1)))
+                elif name == "expert_ffn":  # as many neurons in every expert, a multiple of 8
+                    experts, width = blocks["experts"][0], size[0] // blocks["experts"][0]
+                    per = 8 if width >= 16 else width
+                    entry[name] = sorted(e * width + j for e in range(experts) for j in rng.sample(range(width), per))
+                elif is_attn and i == 0:
                     entry[name] = []
                 elif not is_attn and i == 1:
                     entry[name] = []

@@ -8,8 +8,11 @@ import torch
 import hfprune
 from hfprune.core.masking import masked
 
-from .cases import CASES, random_plan
+from .cases import CASES as DENSE_CASES
+from .cases import random_plan
+from .cases_moe import MOE_CASES
 
+CASES = {**DENSE_CASES, **MOE_CASES}  # mixture-of-experts families too (experts, neurons inside them)
 PARAMS = [(t, attn) for t, case in sorted(CASES.items()) for attn in case.attn_implementations]
 
 
@@ -55,7 +58,7 @@ def test_sliced_equals_masked(model_type, attn, mode, seed):
 def test_generation_with_kv_cache(model_type):
     case = CASES[model_type]
     torch.manual_seed(0)
-    dense = case.build("sdpa").eval()
+    dense = case.build(case.attn_implementations[-1]).eval()  # sdpa where the family has it
     plan = random_plan(dense, 0)
     ids = case.inputs(0)["input_ids"][:1]
     with masked(dense, plan):

@@ -22,8 +22,10 @@ BUILT_IN = {
     "activation": ("activations", False, False, False, "activations"),
     "fisher": ("gate_gradients", True, False, True, "gate_gradients"),
     "fluctuation": ("activations", False, False, False, None),
+    "frequency": ("activations", False, False, False, None),
     "magnitude": ("weights", False, False, False, None),
     "random": ("weights", False, True, False, None),
+    "reap": ("activations", False, False, False, None),
     "taylor": ("gradients", True, False, False, "gate_gradients"),
 }
 

@@ -6,10 +6,11 @@ import transformers as T
 import hfprune
 
 from .cases import CASES
+from .cases_moe import MOE_CASES
 
 
 def test_every_adapter_has_a_case():
-    assert set(hfprune.supported_model_types()) == set(CASES)
+    assert set(hfprune.supported_model_types()) == set(CASES) | set(MOE_CASES)
 
 
 def test_unsupported_model_type_lists_the_supported():

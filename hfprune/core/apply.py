@@ -13,7 +13,8 @@ from torch import nn
 from . import structure
 from .arch import Adapter, get_adapter
 from .blocks import iter_blocks, iter_stacks
-from .plan import ATTENTION_BLOCKS, PlanError, PrunePlan, hub_id
+from .hidden import check_hidden, dense_hidden_updates, hidden_size, hidden_updates
+from .plan import ATTENTION_BLOCKS, HIDDEN, PlanError, PrunePlan, expert_neurons, hub_id
 from .structure import HFPRUNE_CONFIG_KEY, ArchSpec, attention_dims, get_module
 
 logger = logging.getLogger("hfprune")
@@ -93,7 +94,7 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict) -> nn.Module:
     check_plan(target, plan, adapter, spec)
     dims = model_dims(target, spec)
     previous, from_record = earlier_plan(target, spec, dims)
-    if previous is None and plan.dense is not None and _dims_key(plan.dense) != _dims_key(dims):
+    if previous is None and plan.dense is not None and _dims_key(_stack_dims(plan.dense)) != _dims_key(dims):
         raise PlanError("the plan records dense dimensions (`dense`) that are not this model's: its indices are "
                         "for another model (apply a prune_plan.json's plan to the dense model it was made for)")
     own_config(model, target)  # the config may be shared with other models, which must not change
@@ -104,12 +105,20 @@ def apply_plan(model: nn.Module, plan: PrunePlan | dict) -> nn.Module:
                                     base_model=plan.base_model or hub_id(getattr(target.config, "_name_or_path", None)))
     else:
         total = compose(previous, plan)
+    if total.hidden is not None and (total.dense is not None and HIDDEN not in total.dense):
+        size = hidden_size(target, spec) if previous is None or previous.hidden is None else None
+        if size is not None:  # the dense hidden size, which the indices of ``hidden`` refer to
+            total = dataclasses.replace(total, dense={HIDDEN: size, **total.dense})
     structure.apply_structure(target.base_model, target.config, spec, plan.to_dict())
+    if plan.hidden is not None:
+        structure.prune_hidden(target, spec, list(plan.hidden))
 
     updates = vanilla_updates(adapter, target, total)
     if updates is not None:
         for name, value in updates.items():
             setattr(target.config, name, value)
+        if isinstance(getattr(target, "num_experts", None), int):  # MoE heads read it for the auxiliary loss
+            target.num_experts = getattr(target.config, "num_experts", target.num_experts)
         if hasattr(target.config, HFPRUNE_CONFIG_KEY):
             delattr(target.config, HFPRUNE_CONFIG_KEY)
     else:
@@ -163,6 +172,9 @@ def earlier_plan(model: nn.Module, spec: ArchSpec, dims: dict) -> tuple:
     plan = getattr(model, "hfprune_plan", None)
     if not isinstance(plan, PrunePlan) or plan.dense is None:
         return None, False
+    if plan.hidden is not None and len(plan.hidden) != hidden_size(model, spec):
+        logger.warning("the model's hfprune_plan does not describe its hidden size; pruning it as a new model")
+        return None, False
     kept = {key: list(rows.values()) for key, rows in plan.kept_dims().items()}
     if kept != {key: rows for key, rows in _dims_key(dims).items() if key in kept}:
         logger.warning("the model's hfprune_plan does not describe its current widths; pruning it as a new model")
@@ -196,6 +208,11 @@ def config_dims(model: nn.Module, spec: ArchSpec, plan: PrunePlan) -> dict | Non
     return out
 
 
+def _stack_dims(dims: dict) -> dict:
+    """``dims`` without the dense hidden size (``model_dims`` states blocks only)."""
+    return {k: v for k, v in dims.items() if k != HIDDEN}
+
+
 def _dims_key(dims: dict) -> dict:
     """Dims in one comparable form: ``{stack: [{block: tuple}]}``."""
     return {k: [{n: tuple(d) for n, d in blocks.items()} for blocks in layers] for k, layers in dims.items()}
@@ -205,7 +222,11 @@ def _restore_dense_widths(adapter: Adapter, config, total: PrunePlan) -> bool:
     """Set the width fields of a plainly pruned config back to the dense widths, so that a heterogeneous record
     holds the full plan (relative to the dense model, like ``prune_plan.json``). False where it cannot."""
     updates = {}
-    for key, layers in total.dense.items():
+    if total.hidden is not None:
+        if HIDDEN not in total.dense or adapter.hidden_fields is None:
+            return False
+        updates.update(dense_hidden_updates(adapter, config, total.dense[HIDDEN]))
+    for key, layers in _stack_dims(total.dense).items():
         fields = adapter.fields.get(key)
         if fields is None or not layers:
             continue
@@ -217,7 +238,7 @@ def _restore_dense_widths(adapter: Adapter, config, total: PrunePlan) -> bool:
                 if fields.kv_heads is not None:
                     updates[fields.kv_heads] = dims[1]
             elif name in fields.ffn:
-                updates[fields.ffn[name]] = dims[0]
+                updates[fields.ffn[name]] = dims[0] // layers[0]["experts"][0] if name == "expert_ffn" else dims[0]
     if updates and not _config_accepts(config, updates):
         return False
     for name, value in updates.items():
@@ -230,6 +251,7 @@ def check_plan(model: nn.Module, plan: PrunePlan, adapter: Adapter, spec: ArchSp
     if plan.model_type is not None and plan.model_type != model.config.model_type:
         raise PlanError(f"the plan is for model_type {plan.model_type!r}, the model is {model.config.model_type!r}")
     plan.validate(model_dims(model, spec))
+    check_hidden(model, plan, spec)
     if adapter.check is not None:  # family-specific, more precise messages first
         adapter.check(model.config, plan)
     for key, layers in plan.stacks().items():
@@ -252,7 +274,10 @@ def vanilla_updates(adapter: Adapter, model: nn.Module, total: PrunePlan) -> dic
     per stack, every changed block is an FFN or (with an explicit head size) an attention block, kept at
     the same nonzero width in every remaining layer.
     """
-    updates: dict = {}
+    spec = adapter.arch_spec(model.config)
+    updates: dict = hidden_updates(adapter, model, spec, total)
+    if updates is None:
+        return None
     dims = model_dims(model)  # after slicing
     for key, layers in total.stacks().items():
         fields = adapter.fields.get(key)
@@ -283,7 +308,8 @@ def vanilla_updates(adapter: Adapter, model: nn.Module, total: PrunePlan) -> dic
                 field_name = fields.ffn.get(name)
                 if field_name is None:
                     return None
-                updates[field_name] = width[0]
+                # expert_ffn counts the neurons of all kept experts; the config states them per expert
+                updates[field_name] = width[0] // now[0]["experts"][0] if name == "expert_ffn" else width[0]
     if updates and not _config_accepts(model.config, updates):
         return None  # e.g. LlamaConfig insists hidden_size % num_attention_heads == 0 even with head_dim set
     return updates
@@ -298,13 +324,29 @@ def _config_accepts(config, updates: dict) -> bool:
     return True
 
 
+def _compose_expert_neurons(layer, nxt, dense: dict | None, key: str, i: int) -> tuple:
+    """``expert_ffn`` of ``layer`` then ``nxt``, in the dense model's flat ``e * I + j`` indices: unit ``k`` of the
+    pruned model is neuron ``k % I'`` of its expert ``k // I'``, each of which ``layer`` maps back to the dense one."""
+    if dense is None:
+        raise PlanError(f"{key}[{i}].expert_ffn: the earlier plan records no dense sizes, so neurons inside experts "
+                        "cannot be pruned again; prune the dense model with the combined plan")
+    row = dense[key][i]
+    width = row["expert_ffn"][0] // row["experts"][0]
+    experts = layer.get("experts") or tuple(range(row["experts"][0]))
+    earlier = None if layer.get("expert_ffn") is None else set(layer.get("expert_ffn"))
+    per_expert = {e: [j for j in range(width) if earlier is None or e * width + j in earlier] for e in experts}
+    now = max(expert_neurons(layer, row).values(), default=width)  # neurons per expert in the pruned model
+    return tuple(sorted(experts[k // now] * width + per_expert[experts[k // now]][k % now]
+                        for k in nxt.get("expert_ffn")))
+
+
 def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
     """The single plan equal to applying ``first`` then ``second`` (whose indices refer to the pruned model)."""
     stacks = {}
     for key, layers in first.stacks().items():
         later = iter(second.stacks().get(key, ()))
         out = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             if layer.drop:
                 out.append(layer)
                 continue
@@ -319,8 +361,12 @@ def compose(first: PrunePlan, second: PrunePlan) -> PrunePlan:
                     if keep is not None:
                         before = blocks.get(name)
                         blocks[name] = tuple(keep) if before is None else tuple(before[k] for k in keep)
+                if nxt.get("expert_ffn") is not None:  # flat over the pruned model's experts: not a plain lookup
+                    blocks["expert_ffn"] = _compose_expert_neurons(layer, nxt, first.dense, key, i)
                 out.append(type(layer)(blocks=blocks))
         stacks[key] = tuple(out)
+    hidden = first.hidden if second.hidden is None else tuple(second.hidden) if first.hidden is None \
+        else tuple(first.hidden[k] for k in second.hidden)
     return PrunePlan(layers=stacks["layers"], decoder_layers=stacks.get("decoder_layers"),
                      model_type=first.model_type or second.model_type, dense=first.dense,
-                     base_model=first.base_model or second.base_model)
+                     base_model=first.base_model or second.base_model, hidden=hidden)

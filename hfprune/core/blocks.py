@@ -24,10 +24,12 @@ from .structure import (
     AttentionSpec,
     EmptyAttention,
     EmptyFfn,
+    ExpertsSpec,
     FfnSpec,
     StackSpec,
     attention_dims,
     base_layer,
+    expert_dims,
     ffn_width,
     get_module,
     head_rows,
@@ -36,6 +38,9 @@ from .structure import (
 
 HEADS = "heads"
 FFN = "ffn"
+EXPERTS = "experts"  # whole routed experts of a MoE layer
+EXPERT_FFN = "expert_ffn"  # neurons inside them, unit e * I + j
+EXPERT_KINDS = (EXPERTS, EXPERT_FFN)
 
 
 class BlockKey(NamedTuple):
@@ -64,7 +69,15 @@ class Block:
 
     @property
     def kind(self) -> str:
+        if isinstance(self.spec, ExpertsSpec):
+            return self.key.name  # "experts" or "expert_ffn"
         return HEADS if isinstance(self.spec, AttentionSpec) else FFN
+
+    @property
+    def is_expert(self) -> bool:
+        """A block of a MoE layer's routed experts (``experts``: whole experts; ``expert_ffn``: their neurons):
+        no input or output projection, its weights are 3-D parameters and the router's rows."""
+        return self.kind in EXPERT_KINDS
 
     @property
     def is_attention(self) -> bool:
@@ -74,8 +87,17 @@ class Block:
         """``(units, kv_units, unit_width)``: heads, key/value heads and head_dim, or neurons, neurons and 1."""
         if self.is_attention:
             return attention_dims(self.layer, self.spec)
+        if self.is_expert:  # (experts, experts, 1) or (experts * neurons per expert, experts, 1)
+            experts, width = expert_dims(self.layer, self.spec)
+            return (experts if self.kind == EXPERTS else experts * width), experts, 1
         n = ffn_width(self.layer, self.spec)
         return n, n, 1
+
+    def top_k(self) -> int:
+        """Experts each token is routed to (a MoE block's router ``top_k``); 0 for other blocks."""
+        if not self.is_expert:
+            return 0
+        return int(getattr(get_module(self.layer, self.spec.router), "top_k", 1))
 
     @property
     def units(self) -> int:
@@ -88,12 +110,14 @@ class Block:
 
     def is_empty(self) -> bool:
         """Replaced by an :class:`EmptyAttention` / :class:`EmptyFfn` (no unit left, nothing to run)."""
-        if self.spec.module is None:
+        if self.is_expert or self.spec.module is None:
             return False
         return isinstance(get_module(self.layer, self.spec.module), (EmptyAttention, EmptyFfn))
 
     def module(self) -> nn.Module | None:
-        """The attention module (or the FFN module, where the adapter names one)."""
+        """The attention module (or the FFN module, where the adapter names one; the experts module)."""
+        if self.is_expert:
+            return get_module(self.layer, self.spec.experts)
         return None if self.spec.module is None else get_module(self.layer, self.spec.module)
 
     def input_paths(self) -> list:
@@ -125,6 +149,8 @@ class Block:
         (``lora_B``) and columns (``lora_A``) follow their base layer.
         """
         idx = torch.as_tensor(idx, dtype=torch.long, device="cpu")
+        if self.is_expert:
+            return expert_slices(self.layer, self.spec, self.kind, idx)
         if not self.is_attention:
             out = [s for m in self.input_projections() for s in output_slices(m, idx)]
             return out + input_slices(self.output_projection(), idx)
@@ -170,6 +196,11 @@ def layer_blocks(key: str, index: int, layer: nn.Module, stack: StackSpec, kind:
     for name, ffn in stack.ffn.items():
         if kind in (None, FFN):
             yield Block(BlockKey(key, index, name), layer, ffn, stack)
+    moe = stack.experts
+    if moe is not None:
+        for name in (EXPERTS, EXPERT_FFN) if moe.layout == "gate_up" else (EXPERTS,):
+            if kind in (None, name):
+                yield Block(BlockKey(key, index, name), layer, moe, stack)
 
 
 def iter_blocks(model: nn.Module, spec: ArchSpec | None = None, kind: str | None = None) -> Iterator[Block]:
@@ -185,10 +216,28 @@ def get_block(model: nn.Module, key: tuple, spec: ArchSpec | None = None) -> Blo
     stack_key, i, name = key
     stack = spec.stacks[stack_key]
     layer = get_module(model.base_model, stack.layers)[i]
-    block_spec = stack.attention.get(name) or stack.ffn.get(name)
-    if block_spec is None:
-        raise KeyError(f"{stack_key}[{i}] has no block {name!r}; it has {sorted([*stack.attention, *stack.ffn])}")
-    return Block(BlockKey(stack_key, i, name), layer, block_spec, stack)
+    for block in layer_blocks(stack_key, i, layer, stack):
+        if block.key.name == name:
+            return block
+    names = sorted(b.key.name for b in layer_blocks(stack_key, i, layer, stack))
+    raise KeyError(f"{stack_key}[{i}] has no block {name!r}; it has {names}")
+
+
+def expert_slices(layer: nn.Module, spec: ExpertsSpec, kind: str, idx: torch.Tensor) -> list:
+    """``[(tensor, dim, indices)]`` of experts ``idx`` (router rows, every expert parameter's dim 0) or of expert
+    neurons ``idx`` (flat ``e * I + j``: per expert, its gate and up rows and its down column; the tensors are
+    views of one expert's matrices, so zeroing them zeroes the parameter)."""
+    router, experts = get_module(layer, spec.router), get_module(layer, spec.experts)
+    if kind == EXPERTS:
+        params = [*router.parameters(recurse=False), *experts.parameters(recurse=False)]
+        return [(p, 0, idx) for p in params]
+    _, width = expert_dims(layer, spec)
+    out = []
+    for e in torch.unique(idx // width).tolist():
+        cols = idx[idx // width == e] % width
+        out.append((experts.gate_up_proj[e], 0, torch.cat([cols, cols + width])))  # (2I, H): [gate; up] rows
+        out.append((experts.down_proj[e], 1, cols))  # (H, I)
+    return out
 
 
 # ---- weight views through Linear / Conv1D / LoRA wrappers --------------------------------------------------------

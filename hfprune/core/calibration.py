@@ -110,7 +110,7 @@ def watch_output_projections(model, make_hook) -> list:
     handles = []
     for block in iter_blocks(model):
         units = block.units
-        if units:  # an emptied block has nothing to watch
+        if units and not block.is_expert:  # an emptied block has nothing to watch; routed experts no projection
             module = block.output_projection()
             handles.append(module.register_forward_pre_hook(make_hook(block.key, units, module)))
     return handles

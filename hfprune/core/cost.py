@@ -7,6 +7,8 @@ MACs count the projections (one MAC per weight per token) and the attention prod
 ``AV``: ``2 * heads * head_dim * seq_len`` per query token), for a self-attention length ``seq_len``; cross
 attention is counted with the same length on both sides. Both come from :func:`unit_costs`, the per-head /
 per-key/value-group / per-neuron costs that the budgets' selection (``hfprune.pruning.oneshot.blocks_for``) uses too.
+A plan's ``hidden`` keep-list shrinks every parameter along the hidden size (embeddings, norms, every projection's
+columns or rows that read or write the residual stream, the head) and the projections' MACs with it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from torch import nn
 from .apply import as_plan, unwrap
 from .arch import get_adapter
 from .blocks import Block, bias_of, iter_layers, layer_blocks
-from .structure import in_features, out_features
+from .hidden import hidden_parameters, hidden_size
+from .plan import expert_neurons
+from .structure import expert_dims, get_module, in_features, out_features
 
 
 @dataclass(frozen=True)
@@ -92,30 +96,67 @@ class UnitCost:
         return n * self.macs + n_kv * self.kv_macs
 
 
-def unit_costs(block: Block, seq_len: int) -> UnitCost:
-    """Per-unit costs of ``block`` (a block that still has its projections: not an emptied one)."""
+def unit_costs(block: Block, seq_len: int, hidden: int | None = None) -> UnitCost:
+    """Per-unit costs of ``block`` (a block that still has its projections: not an emptied one); ``hidden``: as if
+    the model's hidden size (what the block reads and writes) were that."""
+    if block.is_expert:
+        return _expert_unit_costs(block, seq_len)
     o = block.output_projection()
+    out_bias = _bias(o) if hidden is None or not _bias(o) else hidden
     if not block.is_attention:
         ups = block.input_projections()
-        params = sum(in_features(u) for u in ups) + out_features(o)
+        params = sum(in_features(u) if hidden is None else hidden for u in ups) + (
+            out_features(o) if hidden is None else hidden)
         return UnitCost(units=block.units, group=1, params=params, bias=sum(1 for u in ups if _bias(u)),
-                        macs=seq_len * params, out_bias=_bias(o))
+                        macs=seq_len * params, out_bias=out_bias)
     heads, kv_heads, head_dim = block.dims()
     projs = block.input_projections()
-    hidden = in_features(projs[0])
-    o_cols = head_dim * out_features(o)
+    hidden_in = in_features(projs[0]) if hidden is None else hidden
+    o_cols = head_dim * (out_features(o) if hidden is None else hidden)
     if block.spec.fused_qkv:  # every head carries its own k and v rows
-        params, bias = 3 * hidden * head_dim + o_cols, 3 * head_dim if _bias(projs[0]) else 0
+        params, bias = 3 * hidden_in * head_dim + o_cols, 3 * head_dim if _bias(projs[0]) else 0
         kv_params, kv_bias = 0, 0
     else:
-        params, bias = hidden * head_dim + o_cols, head_dim if _bias(projs[0]) else 0
-        kv_params, kv_bias = 2 * hidden * head_dim, head_dim * sum(1 for p in projs[1:] if _bias(p))
+        params, bias = hidden_in * head_dim + o_cols, head_dim if _bias(projs[0]) else 0
+        kv_params, kv_bias = 2 * hidden_in * head_dim, head_dim * sum(1 for p in projs[1:] if _bias(p))
     return UnitCost(units=heads, group=heads // kv_heads if kv_heads else 1, params=params, bias=bias,
                     macs=seq_len * params + 2 * head_dim * seq_len * seq_len, kv_params=kv_params, kv_bias=kv_bias,
-                    kv_macs=seq_len * kv_params, out_bias=_bias(o))
+                    kv_macs=seq_len * kv_params, out_bias=out_bias)
 
 
-def _attention_cost(block: Block, keep, seq_len: int) -> tuple:
+def _expert_unit_costs(block: Block, seq_len: int) -> UnitCost:
+    """An expert: its router row and its matrices; MACs: its router row per token (top-k experts run per token
+    however many there are). A neuron inside the experts: its gate, up and down weights; MACs: per token, the
+    share of tokens routed to its expert (top-k / experts)."""
+    router = get_module(block.layer, block.spec.router)
+    experts, _, _ = block.dims()
+    params = _numel(block.module()) // experts
+    if block.kind == "experts":
+        row = router.weight.shape[1]
+        return UnitCost(units=experts, group=1, params=row + params, bias=_bias(router) // experts, macs=seq_len * row)
+    hidden = router.weight.shape[1]
+    macs = seq_len * 3 * hidden * router.top_k // experts
+    return UnitCost(units=block.units, group=1, params=3 * hidden, bias=0, macs=macs)
+
+
+def _moe_cost(block: Block, entry, seq_len: int) -> tuple:
+    """(params now, params kept, MACs kept, kept experts) of a MoE layer's routed experts and their router, under
+    the layer's plan ``entry`` (its ``experts`` and ``expert_ffn``)."""
+    router = get_module(block.layer, block.spec.router)
+    now = _numel(router) + _numel(block.module())
+    experts, width = expert_dims(block.layer, block.spec)
+    keep = entry and entry.get("experts")
+    n = experts if keep is None else len(keep)
+    per_expert = _numel(block.module()) // experts
+    if entry is not None and entry.get("expert_ffn") is not None and width:
+        counts = expert_neurons(entry, {"experts": (experts,), "expert_ffn": (experts * width,)})
+        per_expert -= 3 * router.weight.shape[1] * (width - max(counts.values(), default=0))
+    hidden = router.weight.shape[1]
+    kept = n * (per_expert + hidden + _bias(router) // experts)
+    return now, kept, seq_len * (n * hidden + router.top_k * per_expert), n
+
+
+def _attention_cost(block: Block, keep, seq_len: int, hidden: int | None = None) -> tuple:
     """(params now, params kept, MACs kept, kept heads) of one attention block."""
     if block.is_empty():
         return _numel(block.module()), _numel(block.module()), 0, 0
@@ -127,22 +168,23 @@ def _attention_cost(block: Block, keep, seq_len: int) -> tuple:
         # projection's bias survives, inside it (``empty="bias"``) or on the outer projection ("context").
         inside = spec.o.startswith(spec.module + ".") if spec.module else True
         now = _numel(block.module()) + (0 if inside else _numel(o))
-        return now, _bias(o), 0, 0
-    unit = unit_costs(block, seq_len)
+        return now, _bias(o) if hidden is None or not _bias(o) else hidden, 0, 0
+    unit = unit_costs(block, seq_len, hidden)
     n = unit.units if keep is None else len(keep)
     n_kv = unit.units // unit.group if keep is None else len({h // unit.group for h in keep})
     return now, unit.kept_params(n, n_kv), unit.kept_macs(n, n_kv), n
 
 
-def _ffn_cost(block: Block, keep, seq_len: int) -> tuple:
+def _ffn_cost(block: Block, keep, seq_len: int, hidden: int | None = None) -> tuple:
     """(params now, params kept, MACs kept, kept neurons) of one FFN block."""
     if block.is_empty():
         return _numel(block.module()), _numel(block.module()), 0, 0
     now = sum(_numel(p) for p in block.projections())
     if keep is not None and len(keep) == 0 and block.spec.module is not None:
         # The whole block becomes an EmptyFfn that keeps only the down projection's bias.
-        return _numel(block.module()), _bias(block.output_projection()), 0, 0
-    unit = unit_costs(block, seq_len)
+        bias = _bias(block.output_projection())
+        return _numel(block.module()), bias if hidden is None or not bias else hidden, 0, 0
+    unit = unit_costs(block, seq_len, hidden)
     n = unit.units if keep is None else len(keep)
     return now, unit.kept_params(n, 0), unit.kept_macs(n, 0), n
 
@@ -156,6 +198,13 @@ def estimate(model: nn.Module, plan=None, seq_len: int = 128) -> CostReport:
     plan = as_plan(plan) if plan is not None else None
     planned = plan.stacks() if plan is not None else {}
     total = _numel(model)
+    # a hidden keep-list: every parameter along the hidden size shrinks to the kept channels
+    hidden, size, along = None, None, {}
+    if plan is not None and plan.hidden is not None:
+        hidden, size = len(plan.hidden), hidden_size(model, spec)
+        along = {id(p): p for p, _ in hidden_parameters(model, spec)}
+        in_layers = {id(p) for _, _, layer, _ in iter_layers(model, spec) for p in layer.parameters()}
+        total -= sum(p.numel() // size * (size - hidden) for i, p in along.items() if i not in in_layers)
     layers = []
     for key, i, layer, stack in iter_layers(model, spec):
         entries = planned.get(key)
@@ -165,11 +214,28 @@ def estimate(model: nn.Module, plan=None, seq_len: int = 128) -> CostReport:
             total -= layer_params
             continue
         params, macs, heads, neurons = layer_params, 0, {}, {}
+        costed = set()
         for block in layer_blocks(key, i, layer, stack):
+            if block.is_expert:  # routed experts and their neurons are costed together, once
+                if block.kind == "experts":
+                    now, kept, m, units = _moe_cost(block, entry, seq_len)
+                    neurons["experts"] = units
+                    params, macs = params - now + kept, macs + m
+                else:  # kept neurons inside all kept experts
+                    experts, width = expert_dims(block.layer, block.spec)
+                    dims = {"experts": (experts,), "expert_ffn": (experts * width,)}
+                    neurons["expert_ffn"] = experts * width if entry is None else sum(
+                        expert_neurons(entry, dims).values())
+                continue
             cost = _attention_cost if block.is_attention else _ffn_cost
-            now, kept, m, units = cost(block, entry and entry.get(block.key.name), seq_len)
+            now, kept, m, units = cost(block, entry and entry.get(block.key.name), seq_len, hidden)
             (heads if block.is_attention else neurons)[block.key.name] = units
             params, macs = params - now + kept, macs + m
+            if hidden is not None and not block.is_empty():
+                costed |= {id(p) for proj in block.projections() for p in proj.parameters()}
+        if hidden is not None:  # the layer's norms, and emptied blocks' biases
+            params -= sum(p.numel() // size * (size - hidden) for p in layer.parameters()
+                          if id(p) in along and id(p) not in costed)
         total += params - layer_params
         layers.append(LayerCost(key, i, params, macs, heads, neurons))
     return CostReport(params=total, macs=sum(c.macs for c in layers), seq_len=seq_len, layers=tuple(layers))

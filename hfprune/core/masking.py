@@ -56,6 +56,9 @@ class Masks:
     def set_plan(self, plan: PrunePlan | dict) -> Masks:
         """Set gates to 1 for what ``plan`` keeps and 0 for what it removes."""
         plan = as_plan(plan)
+        if plan.hidden is not None:  # norms over fewer channels are not a gate (hfprune.core.hidden)
+            raise ValueError("masks gate heads, neurons and layers; a plan's 'hidden' channels are only sliced "
+                             "(hfprune.apply_plan)")
         plan.validate(model_dims(self.model, self.spec))
         self.dropped = set()
         with torch.no_grad():
@@ -100,6 +103,15 @@ class Masks:
             if block.is_empty():  # an emptied block (EmptyAttention / EmptyFfn) has no projection and nothing to gate
                 continue
             gate = self.gates[block.key]
+            if block.is_expert:  # MoE: the router's logits (experts) or the experts' down columns (their neurons)
+                from .experts import hook_expert_neurons, hook_router
+                from .structure import get_module
+
+                if block.kind == "experts":
+                    self._handles.append(hook_router(get_module(block.layer, block.spec.router), block.spec, gate))
+                else:
+                    self._handles += hook_expert_neurons(block.module(), gate)
+                continue
             self._hook_input(block.output_projection(), gate, block.width)
             if block.is_attention and block.spec.gate_query:
                 self._hook_query(block.input_projections()[0], gate, block.width)

@@ -7,12 +7,18 @@ JSON form (one entry per layer, in order)::
      "decoder_layers": [{"heads": null, "cross_heads": [1], "ffn": []}]}
 
 ``heads`` / ``cross_heads`` are kept query-head indices, ``ffn`` (and ``patch_ffn`` / ``channel_ffn`` for
-PatchTSMixer) kept neuron indices. ``null`` or a missing key keeps everything, ``[]`` removes the block,
-``{"drop": true}`` removes the layer. Indices are always keep-indices of the model the plan is applied to.
+PatchTSMixer, ``shared_ffn`` for a mixture-of-experts' shared expert) kept neuron indices; ``experts`` kept
+routed experts of a mixture-of-experts layer and ``expert_ffn`` kept neurons inside them (``e * I + j`` is neuron
+``j`` of expert ``e``; every kept expert keeps the same number). ``null`` or a missing key keeps everything,
+``[]`` removes the block, ``{"drop": true}`` removes the layer. Indices are always keep-indices of the model the
+plan is applied to.
+A top-level ``"hidden": [0, 3, ...]`` keeps those hidden (residual stream, embedding) channels in the whole
+model (``null`` or missing keeps all).
 
 A plan a model was pruned with (``model.hfprune_plan``, ``prune_plan.json``) also records, under ``dense``, the
 dimensions of the model before any pruning (per stack, per layer, per block: ``[heads, kv_heads]`` or
-``[neurons]``), and may name the dense model's Hub id as ``base_model``. Its indices then refer to that model.
+``[neurons]``; ``dense["hidden"]``: its hidden size, where the plan prunes it), and may name the dense model's Hub
+id as ``base_model``. Its indices then refer to that model.
 """
 
 from __future__ import annotations
@@ -24,12 +30,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ATTENTION_BLOCKS = ("heads", "cross_heads")
-FFN_BLOCKS = ("ffn", "patch_ffn", "channel_ffn")
-BLOCKS = ATTENTION_BLOCKS + FFN_BLOCKS
+FFN_BLOCKS = ("ffn", "patch_ffn", "channel_ffn", "shared_ffn")
+EXPERT_BLOCKS = ("experts", "expert_ffn")  # routed experts of a MoE layer, and the neurons inside them
+EXPERT_NEURON_MULTIPLE = 8  # neurons kept per expert: what transformers' grouped_mm kernel accepts in bf16 too
+BLOCKS = ATTENTION_BLOCKS + FFN_BLOCKS + EXPERT_BLOCKS
 STACKS = ("layers", "decoder_layers")
 # Keys of the JSON form that describe where a plan comes from, not what it keeps. ``hfprune_version`` is written
 # into prune_plan.json, ``format`` into config.json's record.
 METADATA_KEYS = ("model_type", "dense", "base_model", "hfprune_version", "format")
+HIDDEN = "hidden"  # the top-level key of the kept hidden channels, and of the dense hidden size in ``dense``
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]$")
 
 
@@ -75,6 +84,8 @@ class PrunePlan:
     # What the plan was applied to, not what it keeps: plans that keep the same units are equal.
     dense: dict | None = field(default=None, compare=False)
     base_model: str | None = field(default=None, compare=False)
+    # kept hidden channels of the whole model (sorted keep-indices), or None: all kept
+    hidden: tuple | None = None
 
     def stacks(self) -> dict:
         out = {"layers": self.layers}
@@ -88,7 +99,7 @@ class PrunePlan:
     def from_dict(cls, data: dict) -> PrunePlan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
-        allowed = set(STACKS) | set(METADATA_KEYS)
+        allowed = set(STACKS) | set(METADATA_KEYS) | {HIDDEN}
         unknown = sorted(set(data) - allowed)
         if unknown:
             raise PlanError(f"unknown plan key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -99,8 +110,11 @@ class PrunePlan:
         if base_model is not None and not isinstance(base_model, str):
             raise PlanError(f"base_model must be a Hub id string or null, got {base_model!r}")
         dense = _parse_dense(data.get("dense"), stacks)
+        hidden = _parse_keep(HIDDEN, data.get(HIDDEN))
+        if hidden is not None and not hidden:
+            raise PlanError("hidden: a model needs at least one hidden channel; [] keeps none")
         return cls(layers=stacks["layers"], decoder_layers=stacks.get("decoder_layers"),
-                   model_type=data.get("model_type"), dense=dense, base_model=base_model)
+                   model_type=data.get("model_type"), dense=dense, base_model=base_model, hidden=hidden)
 
     def to_dict(self) -> dict:
         out: dict = {}
@@ -108,10 +122,13 @@ class PrunePlan:
             out["model_type"] = self.model_type
         if self.base_model is not None:
             out["base_model"] = self.base_model
+        if self.hidden is not None:
+            out[HIDDEN] = list(self.hidden)
         for key, layers in self.stacks().items():
             out[key] = [layer.to_dict() for layer in layers]
         if self.dense is not None:
-            out["dense"] = {key: [{name: list(dims) for name, dims in blocks.items()} for blocks in layers]
+            out["dense"] = {key: layers if key == HIDDEN else
+                            [{name: list(dims) for name, dims in blocks.items()} for blocks in layers]
                             for key, layers in self.dense.items()}
         return out
 
@@ -148,7 +165,9 @@ class PrunePlan:
                 kept = {}
                 for name, dims in blocks.items():
                     keep = layer.get(name)
-                    if keep is None:
+                    if name == "expert_ffn" and layer.get("experts") is not None:
+                        kept[name] = (sum(expert_neurons(layer, blocks).values()),)
+                    elif keep is None:
                         kept[name] = tuple(dims)
                     elif name in ATTENTION_BLOCKS:
                         group = dims[0] // dims[1] if dims[1] else 1
@@ -160,7 +179,7 @@ class PrunePlan:
 
     def is_empty(self) -> bool:
         """True when the plan removes nothing it could name (every block kept whole, no layer dropped)."""
-        return all(not layer.drop and all(v is None for v in layer.blocks.values())
+        return self.hidden is None and all(not layer.drop and all(v is None for v in layer.blocks.values())
                    for layers in self.stacks().values() for layer in layers)
 
     def validate(self, dims: dict) -> None:
@@ -188,9 +207,15 @@ class PrunePlan:
                         raise PlanError(f"{where}: index {bad[0]} out of range; the layer has {size} (0..{size - 1})")
                     if name in ATTENTION_BLOCKS:
                         _check_gqa(where, keep, *blocks[name])
+                if "experts" in layer.blocks or "expert_ffn" in layer.blocks:
+                    _check_experts(f"{key}[{i}]", layer, blocks)
             dropped = sum(layer.drop for layer in layers)
             if layers and dropped == len(layers):
                 raise PlanError(f"'{key}': the plan drops all {dropped} layers; at least one must stay")
+        size = dims.get(HIDDEN) if isinstance(dims.get(HIDDEN), int) else None
+        if self.hidden is not None and size is not None and self.hidden[-1] >= size:
+            raise PlanError(f"hidden: index {self.hidden[-1]} out of range; the model has {size} hidden channels "
+                            f"(0..{size - 1})")
 
 
 def hub_id(value) -> str | None:
@@ -207,10 +232,15 @@ def _parse_dense(dense, stacks: dict) -> dict | None:
         return None
     if not isinstance(dense, dict):
         raise PlanError(f"dense must be an object {{stack: [per-layer dims]}}, got {type(dense).__name__}")
-    unknown = sorted(set(dense) - set(stacks))
+    unknown = sorted(set(dense) - set(stacks) - {HIDDEN})
     if unknown:
         raise PlanError(f"dense: stack(s) {unknown} are not in the plan; it has {sorted(stacks)}")
     out = {}
+    size = dense.get(HIDDEN)
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise PlanError(f"dense['hidden'] must be the dense hidden size (a positive integer), got {size!r}")
+        out[HIDDEN] = size
     for key, layers in stacks.items():
         entries = dense.get(key)
         if not isinstance(entries, (list, tuple)) or len(entries) != len(layers):
@@ -231,6 +261,42 @@ def _parse_dense(dense, stacks: dict) -> dict | None:
             parsed.append(row)
         out[key] = tuple(parsed)
     return out
+
+
+def expert_neurons(layer: LayerPlan, blocks: dict) -> dict:
+    """``{kept expert: kept neurons}`` of a MoE layer's plan, given the layer's dims (``experts``: ``(E,)``,
+    ``expert_ffn``: ``(E * I,)``)."""
+    n_experts = blocks["experts"][0]
+    width = blocks["expert_ffn"][0] // n_experts if n_experts else 0
+    experts = layer.get("experts")
+    experts = range(n_experts) if experts is None else experts
+    neurons = layer.get("expert_ffn")
+    if neurons is None:
+        return {e: width for e in experts}
+    counts = {e: 0 for e in experts}
+    for k in neurons:
+        if k // width in counts:
+            counts[k // width] += 1
+    return counts
+
+
+def _check_experts(where: str, layer: LayerPlan, blocks: dict) -> None:
+    experts = layer.get("experts")
+    if experts is not None and not experts:
+        raise PlanError(f"{where}.experts: a MoE layer keeps at least one expert (at least the router's top-k)")
+    if layer.get("expert_ffn") is None or "experts" not in blocks:
+        return
+    counts = expert_neurons(layer, blocks)
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"expert {e}: {n}" for e, n in sorted(counts.items())[:8])
+        raise PlanError(f"{where}.expert_ffn: every kept expert must keep the same number of neurons (its weights "
+                        f"are one 3-D tensor); got {detail}")
+    n = next(iter(counts.values()), 0)
+    width = blocks["expert_ffn"][0] // blocks["experts"][0]
+    if n != width and (n == 0 or n % EXPERT_NEURON_MULTIPLE):
+        raise PlanError(f"{where}.expert_ffn keeps {n} neurons per expert; keep a positive multiple of "
+                        f"{EXPERT_NEURON_MULTIPLE} (transformers' grouped_mm experts kernel needs 16-byte strides, "
+                        f"8 bf16 values), or all {width}")
 
 
 def _check_gqa(where: str, keep: tuple, heads: int, kv_heads: int) -> None:

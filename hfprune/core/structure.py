@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -73,6 +74,25 @@ class FfnSpec:
 
 
 @dataclass(frozen=True)
+class ExpertsSpec:
+    """Routed experts of a mixture-of-experts layer (transformers 5 keeps them as 3-D parameters, expert first).
+
+    Plan blocks: ``experts`` keeps whole experts (the ``router``'s weight/bias rows and dim 0 of every parameter of
+    the ``experts`` module); ``expert_ffn`` keeps neurons inside them, unit ``e * I + j`` being neuron ``j`` of
+    expert ``e``, the same number in every kept expert. Only ``layout="gate_up"`` (``gate_up_proj`` (E, 2I, H) as
+    [gate; up], ``down_proj`` (E, H, I)) prunes neurons. For masking, the router's routing from its logits:
+    ``softmax`` ``"all"`` (over all experts, then top-k) or ``"top_k"`` (over the top-k logits); ``renormalize``
+    (the top-k weights to sum 1): a bool, or the router attribute holding it (``norm_topk_prob``).
+    """
+
+    router: str
+    experts: str
+    layout: str | None = "gate_up"
+    softmax: str = "all"
+    renormalize: bool | str = True
+
+
+@dataclass(frozen=True)
 class StackSpec:
     """A stack of layers (``layers`` path relative to the base model) and its prunable blocks."""
 
@@ -82,6 +102,30 @@ class StackSpec:
     num_layers_field: str | None = None
     per_layer_fields: tuple = ()
     droppable: bool = True
+    experts: ExpertsSpec | None = None
+
+
+@dataclass(frozen=True)
+class HiddenSpec:
+    """Where the residual stream's channels (the hidden size) live, for a plan's ``hidden`` keep-list.
+
+    ``embeddings`` (columns) and ``norms`` (weight and bias) are paths relative to the base model; ``layer_norms``
+    relative to each layer of stack ``stack``, whose attention and FFN specs name the projections that read the
+    stream (q/k/v, up: input columns) and write it (o, down: output rows). ``readers``: base-model projections
+    that read it (BERT's pooler). ``heads``: per model class name, the head projections (paths relative to that
+    model) that read it; a class not listed cannot be pruned in hidden size. ``rms``: RMSNorms, whose statistics
+    over ``k`` of ``H`` channels are folded (weights times sqrt(H/k), ``eps_attr`` times H/k) so that the sliced
+    model equals the dense one with the removed channels zeroed.
+    """
+
+    stack: str = "layers"
+    embeddings: tuple = ()
+    norms: tuple = ()
+    layer_norms: tuple = ()
+    readers: tuple = ()
+    heads: dict = field(default_factory=dict)
+    rms: bool = False
+    eps_attr: str = "eps"
 
 
 @dataclass(frozen=True)
@@ -90,18 +134,33 @@ class ArchSpec:
 
     model_type: str
     stacks: dict
+    hidden: HiddenSpec | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for stack in out["stacks"].values():
+            if stack.get("experts") is None:
+                stack.pop("experts", None)  # records without experts stay as earlier versions wrote them
+        if self.hidden is None:
+            del out["hidden"]  # records of families without it stay as earlier versions wrote them
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> ArchSpec:
+        if d.get("hidden") is not None:
+            h = d["hidden"]
+            hidden = HiddenSpec(**{**h, **{k: tuple(h.get(k, ())) for k in ("embeddings", "norms", "layer_norms",
+                                                                              "readers")},
+                                   "heads": {c: tuple(p) for c, p in h.get("heads", {}).items()}})
+            return replace(cls.from_dict({k: v for k, v in d.items() if k != "hidden"}), hidden=hidden)
         stacks = {}
         for key, s in d["stacks"].items():
             attention = {name: AttentionSpec(**a) for name, a in s["attention"].items()}
             ffn = {name: FfnSpec(**{**f, "up": tuple(f["up"])}) for name, f in s["ffn"].items()}
             rest = {k: v for k, v in s.items() if k not in ("attention", "ffn")}
             rest["per_layer_fields"] = tuple(rest.get("per_layer_fields", ()))
+            if rest.get("experts") is not None:
+                rest["experts"] = ExpertsSpec(**rest["experts"])
             stacks[key] = StackSpec(attention=attention, ffn=ffn, **rest)
         return cls(model_type=d["model_type"], stacks=stacks)
 
@@ -399,6 +458,43 @@ def prune_ffn(layer: nn.Module, spec: FfnSpec, keep_neurons: list) -> None:
     slice_input(down, keep)
 
 
+def expert_dims(layer: nn.Module, spec: ExpertsSpec) -> tuple[int, int]:
+    """(experts, neurons per expert) of one MoE layer as it is now."""
+    experts = get_module(layer, spec.experts)
+    width = experts.down_proj.shape[-1] if spec.layout == "gate_up" else 0
+    return get_module(layer, spec.router).weight.shape[0], width
+
+
+def prune_experts(layer: nn.Module, spec: ExpertsSpec, keep_experts: list | None, keep_neurons: list | None) -> None:
+    """Keep experts ``keep_experts`` and, in them, the neurons ``keep_neurons`` (flat ``e * I + j``, the same
+    number per kept expert), both indices of the layer as it is."""
+    router, experts = get_module(layer, spec.router), get_module(layer, spec.experts)
+    n_experts, width = expert_dims(layer, spec)
+    kept = list(range(n_experts)) if keep_experts is None else sorted(keep_experts)
+    if keep_experts is not None:
+        keep = torch.as_tensor(kept, dtype=torch.long, device="cpu")
+        for owner in (router, experts):  # every parameter is one row (or matrix) per expert
+            for name in [n for n, _ in owner.named_parameters(recurse=False)]:
+                _slice_param(owner, name, 0, keep)
+            if hasattr(owner, "num_experts"):
+                owner.num_experts = len(kept)
+    if keep_neurons is None:
+        return
+    per_expert: dict = {}
+    for k in sorted(keep_neurons):
+        per_expert.setdefault(k // width, []).append(k % width)
+    rows = torch.as_tensor([per_expert.get(e, []) for e in kept], dtype=torch.long, device="cpu")  # (E', n)
+    rows = rows.reshape(len(kept), -1)
+    with torch.no_grad():
+        gate_up, down = experts.gate_up_proj, experts.down_proj  # (E', 2I, H), (E', H, I)
+        both = torch.cat([rows, rows + width], dim=1).to(gate_up.device)  # [gate; up] rows
+        _replace_param(experts, "gate_up_proj", gate_up.gather(1, both[:, :, None].expand(-1, -1, gate_up.shape[2])))
+        cols = rows.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
+        _replace_param(experts, "down_proj", down.gather(2, cols))
+    if hasattr(experts, "intermediate_dim"):
+        experts.intermediate_dim = rows.shape[1]
+
+
 def drop_layers(base: nn.Module, config, stack: StackSpec, drop: list) -> None:
     """Delete layers ``drop`` from a stack; layer counts, per-layer config lists and ``layer_idx`` follow."""
     layers = get_module(base, stack.layers)
@@ -430,6 +526,8 @@ def apply_structure(base: nn.Module, config, spec: ArchSpec, plan: dict) -> None
             for name, ffn in stack.ffn.items():
                 if entry.get(name) is not None:
                     prune_ffn(layers[i], ffn, entry[name])
+            if stack.experts is not None and (entry.get("experts") is not None or entry.get("expert_ffn") is not None):
+                prune_experts(layers[i], stack.experts, entry.get("experts"), entry.get("expert_ffn"))
         drop = [i for i, entry in enumerate(entries) if entry.get("drop")]
         if drop:
             drop_layers(base, config, stack, drop)
@@ -437,6 +535,80 @@ def apply_structure(base: nn.Module, config, spec: ArchSpec, plan: dict) -> None
 
 def _layer_idx(layer: nn.Module, spec: AttentionSpec) -> int | None:
     return getattr(get_module(layer, spec.module), "layer_idx", None)
+
+
+def hidden_sites(model: nn.Module, spec: ArchSpec) -> dict:
+    """The modules of ``model`` (a transformers model of a family with ``spec.hidden``) that hold hidden channels:
+    lists ``embeddings``, ``norms``, ``readers`` (input columns), ``writers`` (output rows), ``empty`` (emptied
+    blocks whose bias is added to the stream) and ``heads`` (head readers; ``None``: the class is not listed)."""
+    h = spec.hidden
+    base = model.base_model
+    stack = spec.stacks[h.stack]
+    sites = {"embeddings": [get_module(base, p) for p in h.embeddings], "norms": [get_module(base, p) for p in h.norms],
+             "readers": [m for p in h.readers if (m := _optional_module(base, p)) is not None], "writers": [],
+             "empty": []}
+    for layer in get_module(base, stack.layers):
+        sites["norms"] += [get_module(layer, p) for p in h.layer_norms]
+        for attn in stack.attention.values():
+            if isinstance(get_module(layer, attn.module), EmptyAttention):
+                sites["empty"].append(get_module(layer, attn.module))
+                if attn.empty == "context":  # the outer output projection (no input column left) adds its bias
+                    sites["writers"].append(get_module(layer, attn.o))
+                continue
+            sites["readers"] += [get_module(layer, p) for p in dict.fromkeys((attn.q, attn.k, attn.v))]
+            sites["writers"].append(get_module(layer, attn.o))
+        for ffn in stack.ffn.values():
+            if ffn.module is not None and isinstance(get_module(layer, ffn.module), EmptyFfn):
+                sites["empty"].append(get_module(layer, ffn.module))
+                continue
+            sites["readers"] += [get_module(layer, p) for p in ffn.up]
+            sites["writers"].append(get_module(layer, ffn.down))
+    heads = h.heads.get(type(model).__name__)
+    sites["heads"] = None if heads is None else [get_module(model, p) for p in heads]
+    return sites
+
+
+def _optional_module(root: nn.Module, path: str) -> nn.Module | None:
+    parent, _, name = path.rpartition(".")
+    try:
+        return getattr(get_module(root, parent), name, None)
+    except AttributeError:
+        return None
+
+
+def prune_hidden(model: nn.Module, spec: ArchSpec, keep_channels: list) -> None:
+    """Keep hidden channels ``keep_channels`` (sorted) of ``model`` everywhere the residual stream goes; a head
+    tied to the input embeddings stays tied. RMSNorms are folded (see :class:`HiddenSpec`)."""
+    sites = hidden_sites(model, spec)
+    keep = torch.as_tensor(sorted(keep_channels), dtype=torch.long, device="cpu")
+    first = sites["embeddings"][0]
+    size, k = first.weight.shape[1], len(keep)
+    tied = [m for m in sites["heads"] or () if base_layer(m).weight is first.weight]
+    for m in sites["embeddings"]:
+        _slice_param(m, "weight", 1, keep)
+        m.embedding_dim = k
+    for m in sites["norms"]:
+        _slice_param(m, "weight", 0, keep)
+        _slice_param(m, "bias", 0, keep)
+        if hasattr(m, "normalized_shape"):
+            m.normalized_shape = (k,)
+        if spec.hidden.rms:  # mean over H channels, k alive = (k / H) * mean over the k
+            with torch.no_grad():
+                _replace_param(m, "weight", m.weight * math.sqrt(size / k))
+            if spec.hidden.eps_attr is not None:
+                setattr(m, spec.hidden.eps_attr, getattr(m, spec.hidden.eps_attr) * size / k)
+    for m in sites["readers"] + [m for m in sites["heads"] or () if m not in tied]:
+        slice_input(m, keep)
+    for m in sites["writers"]:
+        slice_output(m, keep)
+    for m in sites["empty"]:
+        if m.bias is not None and m.bias.shape[0] == size:
+            _slice_param(m, "bias", 0, keep)
+        if getattr(m, "kind", "bias") != "context":
+            m.out_features = k
+    for m in tied:
+        base_layer(m).weight = first.weight
+        _set_features(base_layer(m), inp=k)
 
 
 def without_dropped(plan: dict) -> dict:
@@ -487,6 +659,13 @@ class PrunedModelMixin:
                     f"{layers}: the checkpoint's config is inconsistent"
                 )
         apply_structure(self.base_model, config, spec, plan)
+        if plan.get("hidden") is not None and spec.hidden is not None:
+            prune_hidden(self, spec, plan["hidden"])
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        model = load_compact_sparse(cls, pretrained_model_name_or_path, args, kwargs)
+        return model if model is not None else super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' ``save_pretrained``, plus the ``prune_plan.json`` hfprune writes beside every pruned
@@ -519,6 +698,47 @@ class PrunedModelMixin:
         result = super(PrunedModelMixin, type(model))._finalize_model_loading(model, *args, **kwargs)
         _check_pruned_load(model, info if result is None else result, after=True)
         return result
+
+
+def load_compact_sparse(cls, path, args: tuple, kwargs: dict):
+    """``cls.from_pretrained`` of a compact sparse checkpoint (its ``sparsity_plan.json`` says ``"compact": true``;
+    written by ``hfprune.save_sparse``): each sparse weight ``name`` is stored as ``name.__bitmask`` (uint8, bit
+    ``k % 8`` of byte ``k // 8`` keeps flat element ``k``), ``name.__values`` (the kept elements) and
+    ``name.__shape``, made dense here before loading. ``None`` for any other checkpoint."""
+    from safetensors.torch import load_file
+    from transformers.utils import cached_file
+
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
+
+    def get(name):
+        return cached_file(path, name, _raise_exceptions_for_missing_entries=False, **hub)
+
+    plan = get("sparsity_plan.json") if path is not None else None
+    if plan is None:
+        return None
+    with open(plan, encoding="utf-8") as f:
+        if not json.load(f).get("compact"):
+            return None
+    index = get("model.safetensors.index.json")
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    tensors = {}
+    for name in files if index is not None else ["model.safetensors"]:
+        tensors.update(load_file(get(name)))
+    bits, state = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8), {}
+    for key, value in tensors.items():
+        if key.endswith(".__bitmask"):
+            name = key[: -len(".__bitmask")]
+            shape, values = tensors[name + ".__shape"].tolist(), tensors[name + ".__values"]
+            keep = value.unsqueeze(1).bitwise_and(bits).ne(0).flatten()[: math.prod(shape)]
+            dense = values.new_zeros(keep.numel())
+            dense[keep] = values
+            state[name] = dense.reshape(shape)
+        elif not key.endswith((".__values", ".__shape")):
+            state[key] = value
+    config = kwargs.pop("config", None) or cls.config_class.from_pretrained(path, **hub)
+    return super(PrunedModelMixin, cls).from_pretrained(None, *args, config=config, state_dict=state, **kwargs)
 
 
 def _check_pruned_load(model: nn.Module, info, after: bool) -> None:

@@ -48,7 +48,7 @@ def check_sweep(recipe: Recipe, ratios: list, key: str) -> list:
     for ratio in ratios:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
             raise ValueError(f"sweep ratio {ratio!r} ({key}): each ratio must be a number in (0, 1]")
-    budgets = {k: None for k in BUDGET_KEYS + ("head_ratio", "ffn_ratio")}
+    budgets = {k: None for k in BUDGET_KEYS + ("head_ratio", "ffn_ratio", "expert_ratio")}
     # PruningConfig checks each budget with the recipe's other settings (scope, recovery) now, not mid-sweep
     return [(float(r), dataclasses.replace(recipe.pruning, **{**budgets, key: float(r)})) for r in sorted(ratios)]
 

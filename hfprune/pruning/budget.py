@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.plan import ATTENTION_BLOCKS, PlanError, PrunePlan
+from ..core.plan import ATTENTION_BLOCKS, EXPERT_NEURON_MULTIPLE, PlanError, PrunePlan
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Block:
     unit_cost: float  # cost of one head / neuron (MACs or params)
     group: int = 1  # query heads per key/value group (attention); units are whole groups
     kv_unit_cost: float = 0.0  # extra cost per key/value group (its k and v rows)
+    min_units: int = 0  # units every selection keeps (a MoE router's top-k experts)
 
     @property
     def is_attention(self) -> bool:
@@ -70,7 +71,8 @@ def normalize(blocks: list) -> list:
         scale = mean if mean > 0 else torch.tensor(1.0)
         per_unit = b.unit_cost + b.kv_unit_cost / b.group
         per_unit = per_unit if per_unit > 0 else 1.0
-        out.append(Block(b.key, b.scores.float() / scale * per_unit, b.unit_cost, b.group, b.kv_unit_cost))
+        out.append(Block(b.key, b.scores.float() / scale * per_unit, b.unit_cost, b.group, b.kv_unit_cost,
+                         b.min_units))
     return out
 
 
@@ -90,7 +92,7 @@ def select_global(blocks: list, budget: float, fixed_cost: float = 0.0, min_head
     candidates = []
     for b in blocks:
         us = units(b, 1 if b.is_attention else round_to)
-        forced = math.ceil(min(min_heads, len(b.scores)) / b.group) if b.is_attention else 0
+        forced = math.ceil(min(min_heads, len(b.scores)) / b.group) if b.is_attention else b.min_units
         for u in us[:forced]:
             kept[b.key] += u.indices
             spent += u.cost
@@ -107,23 +109,35 @@ def select_global(blocks: list, budget: float, fixed_cost: float = 0.0, min_head
 
 
 def select_per_layer(blocks: list, head_ratio: float | None, ffn_ratio: float | None, min_heads: int = 0,
-                     round_to: int = 1) -> dict:
-    """Keep the top ``ratio`` of every block (rounded: heads to whole groups, neurons to ``round_to``)."""
-    for name, r in (("head_ratio", head_ratio), ("ffn_ratio", ffn_ratio)):
+                     round_to: int = 1, expert_ratio: float | None = None) -> dict:
+    """Keep the top ``ratio`` of every block (rounded: heads to whole groups, neurons to ``round_to``; routed
+    experts by ``expert_ratio``, and the neurons inside them by ``ffn_ratio``, the same number in every expert)."""
+    for name, r in (("head_ratio", head_ratio), ("ffn_ratio", ffn_ratio), ("expert_ratio", expert_ratio)):
         if r is not None and not 0.0 <= r <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {r}")
     kept = {}
     for b in blocks:
-        ratio = head_ratio if b.is_attention else ffn_ratio
+        ratio = expert_ratio if b.key[2] == "experts" else head_ratio if b.is_attention else ffn_ratio
         if ratio is None:
             continue
         n = len(b.scores)
+        if b.key[2] == "expert_ffn":  # (experts * I,) scores, group = I: the top of each expert, as many in each
+            per_expert = b.scores.float().reshape(-1, b.group)
+            step = EXPERT_NEURON_MULTIPLE * math.ceil(round_to / EXPERT_NEURON_MULTIPLE)  # what the kernel runs
+            count = min(b.group, max(step, step * round(ratio * b.group / step)))
+            top = torch.argsort(per_expert, dim=1, descending=True, stable=True)[:, :count]
+            kept[b.key] = sorted((top + torch.arange(len(per_expert))[:, None] * b.group).flatten().tolist())
+            continue
         if b.is_attention:
             groups = round(ratio * n / b.group)
             groups = max(groups, math.ceil(min(min_heads, n) / b.group))
             chosen = units(b)[:groups]
         else:
-            count = min(n, round_to * round(ratio * n / round_to))
+            step = 1 if b.key[2] == "experts" else round_to  # whole experts are not rounded
+            count = min(n, step * round(ratio * n / step))
+            if count < b.min_units:
+                raise PlanError(f"expert_ratio={ratio} keeps {count} of the {n} experts of {b.key}, fewer than the "
+                                f"router's top-k ({b.min_units}); use expert_ratio >= {b.min_units / n:.3g}")
             chosen = units(b, 1)[:count]
         kept[b.key] = sorted(i for u in chosen for i in u.indices)
     return kept
@@ -141,6 +155,8 @@ def select_uniform(blocks: list, budget: float, fixed_cost: float = 0.0, min_hea
     """
     if round_to < 1:
         raise ValueError(f"round_to must be >= 1, got {round_to}")
+    if any(b.key[2] == "experts" for b in blocks):
+        return _select_uniform_experts(blocks, budget, fixed_cost, min_heads, round_to)
     att = [b for b in blocks if b.is_attention]
     ffn = [b for b in blocks if not b.is_attention]
     for kind, bs, shape in (("attention", att, lambda b: (len(b.scores), b.group)), ("FFN", ffn,
@@ -176,6 +192,32 @@ def select_uniform(blocks: list, budget: float, fixed_cost: float = 0.0, min_hea
     return kept
 
 
+def _select_uniform_experts(blocks: list, budget: float, fixed_cost: float, min_heads: int, round_to: int) -> dict:
+    """:func:`select_uniform` with routed experts: every count of experts (from the routers' top-k up) is tried,
+    each with the best uniform heads and widths that the rest of the budget allows; the best total score wins."""
+    experts = [b for b in blocks if b.key[2] == "experts"]
+    rest = [b for b in blocks if b.key[2] != "experts"]
+    sizes = {len(b.scores) for b in experts}
+    if len(sizes) > 1:
+        raise PlanError(f"scope='uniform' needs the same number of experts in every layer, found {sorted(sizes)}")
+    orders = [torch.argsort(b.scores.float(), descending=True, stable=True) for b in experts]
+    best = None
+    for count in range(max(1, max(b.min_units for b in experts)), sizes.pop() + 1):
+        spent = fixed_cost + sum(count * b.unit_cost for b in experts)
+        try:
+            kept = select_uniform(rest, budget, spent, min_heads, round_to)
+        except PlanError:
+            break  # more experts only cost more
+        score = sum(float(b.scores[o[:count]].float().sum()) for b, o in zip(experts, orders))
+        score += sum(float(b.scores[list(kept.get(b.key, []))].float().sum()) for b in rest)
+        if best is None or score > best[0]:
+            best = (score, {**kept, **{b.key: sorted(o[:count].tolist()) for b, o in zip(experts, orders)}})
+    if best is None:
+        raise PlanError(f"the budget {budget:,.0f} cannot be met with the same structure in every layer: the fixed "
+                        "cost and the routers' top-k experts per layer already exceed it")
+    return best[1]
+
+
 def to_plan(kept: dict, dims: dict, model_type: str | None = None) -> PrunePlan:
     """A plan from ``{(stack, layer, block): kept indices}``; blocks kept whole become ``null``."""
     stacks = {}
@@ -186,6 +228,10 @@ def to_plan(kept: dict, dims: dict, model_type: str | None = None) -> PrunePlan:
             for name, size in blocks.items():
                 keep = kept.get((key, i, name))
                 entry[name] = None if keep is None or len(keep) == size[0] else list(keep)
+            if entry.get("experts") is not None and entry.get("expert_ffn") is not None:  # only kept experts' neurons
+                width = blocks["expert_ffn"][0] // blocks["experts"][0]
+                experts = set(entry["experts"])
+                entry["expert_ffn"] = [k for k in entry["expert_ffn"] if k // width in experts]
             entries.append(entry)
         stacks[key] = entries
     return PrunePlan.from_dict({**stacks, "model_type": model_type} if model_type else stacks)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from .importance import Importance
 
 SCOPES = ("global", "per_layer", "uniform")
+TARGETS = ("blocks", "hidden")
 NORMALIZE = ("auto", "none", "layer")
 RECOVERY = ("auto", "none", "rearrange", "lstsq", "full", "obs")
 NEEDS_FISHER_BLOCKS = ("rearrange", "full")
@@ -43,6 +44,13 @@ class PruningConfig:
     ``bias_compensation`` (FLAP, An et al. 2024) replaces each removed unit's output with its calibration mean,
     folded into the output projection's bias.
 
+    ``target="hidden"`` prunes the hidden size (the residual stream's channels, embeddings and head included; see
+    :mod:`hfprune.core.hidden`) instead of heads and neurons: ``criterion`` scores channels (``activation``,
+    ``fisher``, ``magnitude`` or ``random``: :mod:`hfprune.pruning.importance.hidden`) and the budget is one of
+    ``params_ratio``, ``macs_ratio`` or ``hidden_ratio`` (fraction of channels to keep). The kept count is rounded
+    down to a multiple of ``round_to`` and, where the stock config can state it (Llama family), of
+    ``num_attention_heads``, which the stock config requires to divide the hidden size: a plain checkpoint.
+
     A budget whose plan keeps no head and no neuron in any layer is refused when the plan is selected (it is a
     property of the model's costs, not of the number), unless ``allow_empty=True``.
 
@@ -70,6 +78,13 @@ class PruningConfig:
         "help": "keep this fraction of the layers' latency, measured on this device (hfprune.pruning.latency)"})
     head_ratio: float | None = field(default=None, metadata={"help": "keep this fraction of attention heads"})
     ffn_ratio: float | None = field(default=None, metadata={"help": "keep this fraction of FFN neurons"})
+    expert_ratio: float | None = field(default=None, metadata={
+        "help": "keep this fraction of the routed experts of every mixture-of-experts layer (the same count in "
+                "every layer, at least the router's top-k: a plain checkpoint); criterion reap or frequency"})
+    hidden_ratio: float | None = field(default=None, metadata={
+        "help": "keep this fraction of hidden channels (target='hidden')"})
+    target: str = field(default="blocks", metadata={
+        "help": f"what to prune, one of {TARGETS}: attention heads and FFN neurons, or the hidden size"})
     seq_len: int = field(default=128, metadata={"help": "sequence length at which MACs and latency are counted"})
     latency_batch_size: int = field(default=32, metadata={"help": "batch size at which latency is measured"})
     scope: str = field(default="global", metadata={"help": f"ranking scope, one of {SCOPES}"})
@@ -102,12 +117,12 @@ class PruningConfig:
 
         if not isinstance(self.criterion, str) or self.criterion not in supported_importance():
             raise ValueError(f"criterion={self.criterion!r} is not supported; choose one of {supported_importance()}")
-        for name in ("scope", "normalize", "recovery"):  # before any comparison, so a list gets this message
-            choices = {"scope": SCOPES, "normalize": NORMALIZE, "recovery": RECOVERY}[name]
+        for name in ("scope", "normalize", "recovery", "target"):  # before any comparison: a list gets this message
+            choices = {"scope": SCOPES, "normalize": NORMALIZE, "recovery": RECOVERY, "target": TARGETS}[name]
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {choices}")
         budgets = {n: getattr(self, n) for n in ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio",
-                                                 "ffn_ratio")}
+                                                 "ffn_ratio", "expert_ratio", "hidden_ratio")}
         for name, value in budgets.items():
             if value is None:
                 continue
@@ -126,11 +141,14 @@ class PruningConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         given = [n for n, v in budgets.items() if v is not None]
+        if self.target == "hidden" or self.hidden_ratio is not None:
+            self._check_hidden(given)
+            return
         kinds = {n.removesuffix("_ratio") if n in ("macs_ratio", "params_ratio", "latency_ratio") else "ratio"
                  for n in given}
         if len(kinds) != 1:
             raise ValueError("give exactly one budget: macs_ratio, params_ratio, latency_ratio, or "
-                             f"head_ratio/ffn_ratio; got {given or 'none'}")
+                             f"head_ratio/ffn_ratio/expert_ratio; got {given or 'none'}")
         if kinds == {"ratio"} and self.scope == "global":
             self.scope = "per_layer"  # keep ratios are a per-layer notion
         if self.scope == "per_layer" and kinds != {"ratio"}:
@@ -146,6 +164,22 @@ class PruningConfig:
             raise ValueError(f"bias_compensation=True with recovery={self.recovery!r}: that recovery already fits the "
                              "kept units to the output with the removed units, and a bias added afterwards would "
                              "count them twice; use recovery 'none' or 'rearrange' with it")
+
+    def _check_hidden(self, given: list) -> None:
+        from .importance.hidden import HIDDEN_CRITERIA
+
+        if self.target != "hidden":
+            raise ValueError("hidden_ratio is a budget of target='hidden'; set target='hidden' to prune the hidden "
+                             "size")
+        if len(given) != 1 or given[0] not in ("params_ratio", "macs_ratio", "hidden_ratio"):
+            raise ValueError(f"target='hidden' takes exactly one budget: params_ratio, macs_ratio or hidden_ratio; got "
+                             f"{given or 'none'}")
+        if self.criterion not in HIDDEN_CRITERIA:
+            raise ValueError(f"criterion={self.criterion!r} cannot score hidden channels; with target='hidden' choose "
+                             f"one of {HIDDEN_CRITERIA}")
+        if self.recovery not in ("auto", "none") or self.bias_compensation:
+            raise ValueError(f"target='hidden' runs no recovery (recovery={self.recovery!r}, bias_compensation="
+                             f"{self.bias_compensation}); use recovery='none' and bias_compensation=False")
 
     @property
     def criterion_class(self) -> type:
@@ -169,6 +203,8 @@ class PruningConfig:
     @property
     def resolved_recovery(self) -> str:
         """The recovery that runs: ``auto`` is ``rearrange`` for a criterion that keeps Fisher blocks."""
+        if self.target == "hidden":
+            return "none"
         if self.recovery == "auto":
             return "rearrange" if self.criterion_class.fisher_blocks else "none"
         return self.recovery
@@ -182,7 +218,9 @@ class PruningConfig:
 
     @property
     def budget_kind(self) -> str:
-        """``macs``, ``params``, ``latency`` or ``ratio``."""
+        """``macs``, ``params``, ``latency``, ``ratio`` or (``hidden_ratio``) ``hidden``."""
+        if self.hidden_ratio is not None:
+            return "hidden"
         for kind in ("macs", "params", "latency"):
             if getattr(self, f"{kind}_ratio") is not None:
                 return kind

@@ -61,14 +61,20 @@ def blocks_for(model: nn.Module, scores: dict, config: PruningConfig, latency: L
     by_params = config.params_ratio is not None
     out = []
     for block in iter_blocks(model):
-        if block.units == 0:  # emptied: nothing to select, and an EmptyAttention / EmptyFfn has no projections
+        if block.units == 0 or block.key not in scores:  # emptied, or a block the criterion does not score (kept)
             continue
+        if block.kind == "expert_ffn" and config.budget_kind != "ratio":
+            continue  # every expert keeps as many neurons as the others: only ffn_ratio (per layer) prunes them
         unit = cost.unit_costs(block, config.seq_len)
         per_unit, per_kv = (unit.params, unit.kv_params) if by_params else (unit.macs, unit.kv_macs)
         if latency is not None:  # measured per kept head or neuron, key/value cost and overhead shared out
+            if block.key not in latency.entries:
+                continue  # not timed (routed experts): kept
             entry = latency.entries[block.key]
             per_unit, per_kv = entry.slope + entry.intercept / unit.units, 0.0
-        out.append(select.Block(block.key, scores[block.key], float(per_unit), unit.group, float(per_kv)))
+        group = block.units // block.dims()[1] if block.kind == "expert_ffn" else unit.group  # neurons per expert
+        least = block.top_k() if block.kind == "experts" else 0  # a router needs its top-k experts
+        out.append(select.Block(block.key, scores[block.key], float(per_unit), group, float(per_kv), least))
     return out
 
 
@@ -95,7 +101,7 @@ def select_kept(model: nn.Module, scores: dict, config: PruningConfig, latency: 
     try:
         if kind == "ratio":
             kept = select.select_per_layer(blocks, config.head_ratio, config.ffn_ratio, config.min_heads,
-                                           config.round_to)
+                                           config.round_to, expert_ratio=config.expert_ratio)
         elif kind == "latency":
             kept = _select_latency(blocks, choose, config, latency)
         else:
@@ -129,7 +135,7 @@ def check_budget(model: nn.Module, config: PruningConfig, latency: LatencyTable 
 
 def _budget_names(config: PruningConfig) -> list:
     """The budget fields ``config`` sets (one of macs/params/latency, or head and/or FFN ratios)."""
-    return [n for n in ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio", "ffn_ratio")
+    return [n for n in ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio", "ffn_ratio", "expert_ratio")
             if getattr(config, n) is not None]
 
 
@@ -205,6 +211,11 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
         calibration = calibration_batches(calibration, config.calibration_batch_size, tokenizer)
         if iter(calibration) is calibration:  # a one-shot iterator: scoring and recovery both read it
             calibration = list(calibration)
+    if config.target == "hidden":
+        from .hidden import prune_hidden
+
+        plan, scores, before, after, seconds = prune_hidden(model, calibration, config)
+        return PruneResult(plan, model, before, after, seconds, scores, "none")
     if config.bias_compensation:
         recovery.bias_flags_needed(target)  # fail before the (possibly long) scoring pass
     if config.budget_kind == "latency" and latency_table is None:

@@ -145,7 +145,7 @@ def fraction_at(schedule: ScheduleConfig, step: int) -> float:
     return cubic_fraction(last, s.start_step, s.end_step)
 
 
-BUDGETS = ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio", "ffn_ratio")
+BUDGETS = ("macs_ratio", "params_ratio", "latency_ratio", "head_ratio", "ffn_ratio", "expert_ratio")
 
 
 def budget_at(config, fraction: float):

@@ -8,7 +8,7 @@ without remote code. Family-specific refusals live in ``check``. Adding a family
 """
 
 # Importing a family's module registers it.
-from . import bert, distilbert, gpt2, llama, patchtsmixer, patchtst, seq2seq_ts, timesfm, vit  # noqa: E402,F401,I001
+from . import bert, distilbert, gpt2, llama, moe, patchtsmixer, patchtst, seq2seq_ts, timesfm, vit  # noqa: E402,F401,I001
 from .base import Adapter, StackFields, get_adapter, register, supported_model_types
 
 __all__ = ["Adapter", "StackFields", "get_adapter", "register", "supported_model_types"]

@@ -38,6 +38,9 @@ class Adapter:
     # config -> {block name: config flag that gives every projection of that block a bias}, for families whose
     # output projections have no bias by default (bias compensation needs one)
     bias_flags: Callable | None = None
+    # config -> ``(hidden size field, epsilon field or None)`` when the stock config states a pruned hidden size
+    # (the family reads no head size from it); ``None``: a hidden-pruned model saves with its modeling code
+    hidden_fields: Callable | None = None
 
     def arch_spec(self, config) -> ArchSpec:
         return self.spec(config)

@@ -1,6 +1,6 @@
 """BERT layout (also RoBERTa, XLM-RoBERTa, ELECTRA): post-LN, attention output projection outside `self`."""
 
-from ..structure import ArchSpec, AttentionSpec, FfnSpec, StackSpec
+from ..structure import ArchSpec, AttentionSpec, FfnSpec, HiddenSpec, StackSpec
 from .base import Adapter, StackFields, register
 
 
@@ -14,7 +14,21 @@ def _spec(config) -> ArchSpec:
     ffn = FfnSpec(up=("intermediate.dense",), down="output.dense")
     layers = StackSpec(layers="encoder.layer", attention={"heads": attention}, ffn={"ffn": ffn},
                        num_layers_field="num_hidden_layers")
-    return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
+    prefix = _PREFIX.get(config.model_type)
+    if prefix is None:  # ELECTRA: embeddings of their own size, projected up (not described here)
+        return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
+    # BERT's sequence classifier reads the pooler's output, whose width stays; RoBERTa's head reads the stream
+    seq = ("classifier.dense",) if prefix != "Bert" else ()
+    heads = {f"{prefix}Model": (), f"{prefix}ForSequenceClassification": seq,
+             f"{prefix}ForTokenClassification": ("classifier",), f"{prefix}ForQuestionAnswering": ("qa_outputs",)}
+    hidden = HiddenSpec(embeddings=("embeddings.word_embeddings", "embeddings.position_embeddings",
+                                    "embeddings.token_type_embeddings"), norms=("embeddings.LayerNorm",),
+                        layer_norms=("attention.output.LayerNorm", "output.LayerNorm"), readers=("pooler.dense",),
+                        heads=heads)
+    return ArchSpec(model_type=config.model_type, stacks={"layers": layers}, hidden=hidden)
+
+
+_PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}
 
 
 register(Adapter(

@@ -1,7 +1,7 @@
 """GPT-2: fused Conv1D c_attn producing [q | k | v] (`split_size` follows), Conv1D MLP."""
 
 from ..plan import PlanError
-from ..structure import ArchSpec, AttentionSpec, FfnSpec, StackSpec
+from ..structure import ArchSpec, AttentionSpec, FfnSpec, HiddenSpec, StackSpec
 from .base import Adapter, StackFields, register
 
 
@@ -13,7 +13,10 @@ def _spec(config) -> ArchSpec:
     )
     ffn = FfnSpec(up=("mlp.c_fc",), down="mlp.c_proj", module="mlp")  # Conv1D cannot run zero-width
     layers = StackSpec(layers="h", attention={"heads": attention}, ffn={"ffn": ffn}, num_layers_field="n_layer")
-    return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
+    heads = {"GPT2Model": (), "GPT2LMHeadModel": ("lm_head",), "GPT2ForSequenceClassification": ("score",),
+             "GPT2ForTokenClassification": ("classifier",), "GPT2ForQuestionAnswering": ("qa_outputs",)}
+    hidden = HiddenSpec(embeddings=("wte", "wpe"), norms=("ln_f",), layer_norms=("ln_1", "ln_2"), heads=heads)
+    return ArchSpec(model_type=config.model_type, stacks={"layers": layers}, hidden=hidden)
 
 
 def _check(config, plan) -> None:

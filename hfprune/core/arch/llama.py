@@ -1,6 +1,6 @@
 """Llama family (Llama, Mistral, Qwen2, Qwen3): grouped-query attention with explicit head_dim, SwiGLU FFN."""
 
-from ..structure import ArchSpec, AttentionSpec, FfnSpec, StackSpec
+from ..structure import ArchSpec, AttentionSpec, FfnSpec, HiddenSpec, StackSpec
 from .base import Adapter, StackFields, register
 
 
@@ -15,7 +15,19 @@ def _spec(config) -> ArchSpec:
     ffn = FfnSpec(up=("mlp.gate_proj", "mlp.up_proj"), down="mlp.down_proj")
     layers = StackSpec(layers="layers", attention={"heads": attention}, ffn={"ffn": ffn},
                        num_layers_field="num_hidden_layers", per_layer_fields=("layer_types",))
-    return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
+    prefix = _PREFIX.get(config.model_type)
+    if prefix is None:  # a family sharing this layout whose hidden size is not described here
+        return ArchSpec(model_type=config.model_type, stacks={"layers": layers})
+    heads = {f"{prefix}Model": (), f"{prefix}ForCausalLM": ("lm_head",),
+             f"{prefix}ForSequenceClassification": ("score",), f"{prefix}ForTokenClassification": ("score",)}
+    # Qwen3's per-head q/k norms read the same rms_norm_eps: its hidden norms keep their epsilon (exact up to it)
+    hidden = HiddenSpec(embeddings=("embed_tokens",), norms=("norm",),
+                        layer_norms=("input_layernorm", "post_attention_layernorm"), heads=heads, rms=True,
+                        eps_attr=None if config.model_type == "qwen3" else "variance_epsilon")
+    return ArchSpec(model_type=config.model_type, stacks={"layers": layers}, hidden=hidden)
+
+
+_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 # Which stock configs can give the attention ("heads") and FFN projections a bias: Mistral and Qwen2 hard-code
@@ -28,4 +40,5 @@ register(Adapter(
     fields={"layers": StackFields(heads="num_attention_heads", kv_heads="num_key_value_heads",
                                   head_dim="head_dim", ffn={"ffn": "intermediate_size"})},
     bias_flags=lambda config: _BIAS_FLAGS.get(config.model_type, {}),
+    hidden_fields=lambda config: ("hidden_size", None if config.model_type == "qwen3" else "rms_norm_eps"),
 ))

@@ -69,7 +69,14 @@ def from_pretrained(name_or_path: str | Path, model_class: type | None = None, *
     stock = stock_class(config, model_class)
     plan, heterogeneous = checkpoint_plan(directory, config)
     cls = pruned_class(stock) if heterogeneous else stock
-    model = cls.from_pretrained(directory, **kwargs)
+    from .sparse import read_compact
+
+    dense = read_compact(directory)  # a compact sparse checkpoint: bit masks and kept values, decompressed here
+    if dense is None:
+        model = cls.from_pretrained(directory, **kwargs)
+    else:
+        config_obj = kwargs.pop("config", None) or stock.config_class.from_pretrained(directory)
+        model = cls.from_pretrained(None, config=config_obj, state_dict=dense, **kwargs)
     # auto_map points at the checkpoint's code, which this model does not use; saving writes a fresh one if needed
     if hasattr(model.config, "auto_map"):
         del model.config.auto_map
@@ -163,7 +170,7 @@ def _download(repo_id: str, subfolder: str, download: dict) -> Path:
                       f"({type(err).__name__}: {err})") from err
     snapshot = config.parents[len(Path(subfolder).parts)] if subfolder else config.parent
     download["revision"] = snapshot.name  # the commit, as the cache names the snapshot folder
-    for name in (PLAN_SOURCE, "generation_config.json"):
+    for name in (PLAN_SOURCE, "generation_config.json", "sparsity_plan.json"):  # the last: compact sparse weights
         get(name, required=False)
     index = get(WEIGHTS_INDEX, required=False)
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index else [WEIGHTS_FILE]
@@ -239,6 +246,8 @@ def checkpoint_plan(directory: Path, config: dict) -> tuple:
 def compare_plans(a: PrunePlan, b: PrunePlan, names: tuple = (PLAN_SOURCE, RECORD_SOURCE)) -> None:
     """Raise ``ValueError`` naming the first stack, layer and block where plans ``a`` and ``b`` differ."""
     sa, sb = a.stacks(), b.stacks()
+    if a.hidden != b.hidden:
+        raise ValueError(f"hidden: {names[0]} keeps {_describe(a.hidden)}, {names[1]} keeps {_describe(b.hidden)}")
     if set(sa) != set(sb):
         raise ValueError(f"{names[0]} has stacks {sorted(sa)}, {names[1]} has {sorted(sb)}")
     for key in sa:
@@ -351,6 +360,12 @@ def check_widths(model: nn.Module, plan: PrunePlan, spec, source: str) -> None:
 
     dims = model_dims(model, spec)
     kept = plan.kept_dims()
+    if plan.hidden is not None and spec.hidden is not None:
+        from ..hidden import hidden_size
+
+        if hidden_size(model, spec) != len(plan.hidden):
+            raise ValueError(f"hidden: {source} keeps {len(plan.hidden)} hidden channels, the checkpoint's config and "
+                             f"weights have {hidden_size(model, spec)}")
     for key, layers in plan.stacks().items():
         if key not in dims:
             raise ValueError(f"{source} prunes stack '{key}', which the model does not have")

@@ -19,6 +19,7 @@ from torch import nn
 from ...version import __version__
 from .. import structure
 from .classes import HfprunedModel, original_class
+from .per_layer import set_per_layer_config
 from .transaction import Transaction
 
 MODELING_FILE = structure.MODELING_FILE
@@ -115,6 +116,7 @@ def _finish(model: nn.Module, base: type, directory: Path) -> None:
             config["auto_map"] = auto_map
         else:
             config.pop("auto_map", None)
+    set_per_layer_config(model, config, model.hfprune_heterogeneous)  # transformers' per_layer_config (Llama family)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     text = structure.plan_file_text(model.hfprune_plan.to_dict(), config.get("model_type"), __version__)
     (directory / PLAN_FILE).write_text(text)

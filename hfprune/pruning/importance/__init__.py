@@ -9,7 +9,7 @@ what it reads and how it behaves (:class:`Importance`); ``PruningConfig.build_im
 from __future__ import annotations
 
 # importing a criterion's module registers it: adding a criterion is one file here plus its name in this line
-from . import activation, fisher, fluctuation, magnitude, random_scores, taylor  # noqa: F401
+from . import activation, fisher, fluctuation, magnitude, random_scores, reap, routing_frequency, taylor  # noqa: F401
 from .base import Importance, get_importance, importance_class, register_importance, supported_importance
 
 __all__ = ["Importance", "get_importance", "importance_class", "register_importance", "supported_importance"]

@@ -26,6 +26,12 @@ class ActivationImportance(Importance):
         """Each unit's output norm per token row of ``x`` (tokens, units * width), summed over the rows: (units,)."""
         return x.reshape(-1, units, x.shape[-1] // units).norm(dim=-1).sum(0)
 
+    def block_stats(self, x: torch.Tensor, units: int) -> dict:
+        return {"norms": self.activation_terms(x.float(), units)}
+
+    def block_score(self, block, stats: dict, count: torch.Tensor) -> torch.Tensor:
+        return stats["norms"] / count.clamp_min(1.0)
+
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)
         model = unwrap(model)
@@ -34,8 +40,8 @@ class ActivationImportance(Importance):
 
         def hook(key, groups, _module):
             def fn(_m, args):
-                x = token_rows(args[0].detach().float(), current["batch"])  # (tokens, groups * width), no padding
-                sums[key] = sums.get(key, 0) + self.activation_terms(x, groups)
+                x = token_rows(args[0].detach(), current["batch"])  # (tokens, groups * width), no padding
+                sums[key] = sums.get(key, 0) + self.block_stats(x, groups)["norms"]
                 counts[key] = counts.get(key, 0) + x.shape[0]
 
             return fn
@@ -48,4 +54,4 @@ class ActivationImportance(Importance):
         counts = reduce_across_processes({k: torch.tensor(float(counts.get(k, 0)), device=device) for k in zeros})
         if not any(float(c) > 0 for c in counts.values()):
             raise ValueError("the calibration data is empty")
-        return {k: sums[k] / counts[k].clamp_min(1.0) for k in zeros}
+        return {k: self.block_score(None, {"norms": sums[k]}, counts[k]) for k in zeros}

@@ -52,6 +52,8 @@ class Importance:
       criterion that reads data: ``"gate_gradients"`` (turned into scores by :meth:`gate_terms`),
       ``"activations"`` (by :meth:`activation_terms`), or ``None`` (calibration data needed). A ``"weights"``
       criterion needs none: it scores the current weights at each pruning step.
+    - ``experts_only``: :meth:`score` scores only the routed experts of mixture-of-experts layers (``experts``,
+      ``expert_ffn`` blocks; ``reap``, ``frequency``) and leaves every other block whole (absent from its scores).
 
     Example:
 
@@ -70,6 +72,7 @@ class Importance:
     seeded: ClassVar[bool] = False
     fisher_blocks: ClassVar[bool] = False
     training_signal: ClassVar[str | None] = None
+    experts_only: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -89,6 +92,20 @@ class Importance:
         """Training-time form (``training_signal="gate_gradients"``): the score terms of one optimizer step from
         its gate gradients ``dL/dg`` (the batch's, averaged over ranks), elementwise; the callback sums them
         over the steps between two pruning steps."""
+        raise NotImplementedError
+
+    def block_stats(self, x: torch.Tensor, units: int) -> dict:
+        """Layer-by-layer form, for an ``"activations"`` criterion: from the output projection's input rows ``x``
+        (tokens, units * width) of one batch (padding left out), named sums over the rows; summed over the batches
+        in order, they are what :meth:`block_score` reads. :meth:`score` and sequential pruning
+        (:mod:`hfprune.pruning.sequential`) both go through it, so the two give the same scores."""
+        raise NotImplementedError
+
+    def block_score(self, block, stats: dict | None, count: torch.Tensor | None) -> torch.Tensor:
+        """Layer-by-layer form: the ``(units,)`` scores of one :class:`~hfprune.core.blocks.Block` from its weights
+        and, for an ``"activations"`` criterion, the summed :meth:`block_stats` over ``count`` rows. A criterion
+        that implements it can prune a model one layer at a time (:func:`layerwise`); gradient criteria cannot,
+        since their scores need a backward pass through the whole model."""
         raise NotImplementedError
 
     def activation_terms(self, x: torch.Tensor, units: int) -> torch.Tensor:
@@ -124,6 +141,15 @@ def _declaration_problem(cls: type) -> str | None:
     return None
 
 
+def layerwise(cls: type) -> bool:
+    """Whether criterion class ``cls`` scores each block from that block alone (implements
+    :meth:`Importance.block_score`, and :meth:`Importance.block_stats` when it reads activations), so a model can be
+    scored one layer at a time."""
+    if cls.block_score is Importance.block_score:
+        return False
+    return cls.signal == WEIGHTS or (cls.signal == ACTIVATIONS and cls.block_stats is not Importance.block_stats)
+
+
 def supported_importance() -> list:
     return sorted(_REGISTRY)
 
@@ -157,4 +183,5 @@ def calibration_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 
 def zero_scores(model: nn.Module) -> dict:
-    return {k: torch.zeros_like(g) for k, g in Masks(model).gates.items()}
+    # routed experts' blocks are left out: criteria that read projections do not score them (kept whole)
+    return {k: torch.zeros_like(g) for k, g in Masks(model).gates.items() if k[2] not in ("experts", "expert_ffn")}

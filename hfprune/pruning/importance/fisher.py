@@ -109,6 +109,8 @@ def _batched_gradients(model, batch: dict, size: int, masks: Masks) -> dict | No
         return None
     if any(b.spec.gate_query or b.spec.draws_rng for b in iter_blocks(model, masks.spec, kind="heads")):
         return None
+    if any(b.is_expert for b in iter_blocks(model, masks.spec)):  # expert gates sit on routers, not projections
+        return None
     leaves, handles, ok = {}, [], [True]
 
     def gate(module, key, n, width):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 
 from ...core.apply import unwrap
-from ...core.blocks import merged_weight
+from ...core.blocks import get_block, merged_weight
 from ...core.calibration import reduce_across_processes, token_rows, watched_pass
+from ...core.sharded import full_view
 from ...core.structure import in_features
 from .base import ACTIVATIONS, Importance, register_importance, require_data, zero_scores
 
@@ -27,13 +28,21 @@ def fluctuation(total: torch.Tensor, squares: torch.Tensor, count: float, column
 def _column_norms(module) -> torch.Tensor:
     """``|W[:, d]|^2`` for every input feature ``d`` of a Linear, Conv1D or LoRA-wrapped projection (with an
     unmerged LoRA update included, as the forward pass applies it)."""
-    return merged_weight(module).double().pow(2).sum(0)
+    return full_view(merged_weight(module)).double().pow(2).sum(0)  # FSDP2: the gathered weight
 
 
 @register_importance
 class FluctuationImportance(Importance):
     name = "fluctuation"
     signal = ACTIVATIONS  # a variance over calibration tokens: no training-time form, so the callback needs data
+
+    def block_stats(self, x: torch.Tensor, units: int) -> dict:
+        x = x.double()
+        return {"sums": x.sum(0), "squares": x.pow(2).sum(0)}
+
+    def block_score(self, block, stats: dict, count: torch.Tensor) -> torch.Tensor:
+        norms = _column_norms(block.output_projection()).to(stats["sums"].device)
+        return fluctuation(stats["sums"], stats["squares"], float(count), norms, block.units)
 
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)
@@ -45,9 +54,10 @@ class FluctuationImportance(Importance):
             watched[key] = (module, n)
 
             def fn(_m, args):
-                x = token_rows(args[0].detach().double(), current["batch"])  # padding positions are not tokens
-                sums[key] = sums.get(key, 0) + x.sum(0)
-                squares[key] = squares.get(key, 0) + x.pow(2).sum(0)
+                x = token_rows(args[0].detach(), current["batch"])  # padding positions are not tokens
+                stats = self.block_stats(x, n)
+                sums[key] = sums.get(key, 0) + stats["sums"]
+                squares[key] = squares.get(key, 0) + stats["squares"]
                 counts[key] = counts.get(key, 0) + x.shape[0]
 
             return fn
@@ -63,7 +73,7 @@ class FluctuationImportance(Importance):
         if not any(float(c) > 0 for c in counts.values()):
             raise ValueError("the calibration data is empty")
         scores = zero_scores(model)
-        for key, (module, n) in watched.items():
-            scores[key] = fluctuation(sums[key], squares[key], float(counts[key]), _column_norms(module).to(device),
-                                      n).to(scores[key].dtype)
+        for key in watched:
+            stats = {"sums": sums[key], "squares": squares[key]}
+            scores[key] = self.block_score(get_block(model, key), stats, counts[key]).to(scores[key].dtype)
         return scores

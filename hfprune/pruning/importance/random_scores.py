@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import WEIGHTS, Importance, register_importance, zero_scores
+from ...core.masking import Masks
+from .base import WEIGHTS, Importance, register_importance
 
 
 @register_importance
@@ -19,4 +20,5 @@ class RandomImportance(Importance):
 
     def score(self, model, batches=None) -> dict:
         g = torch.Generator().manual_seed(self.seed)
-        return {k: torch.rand(v.shape, generator=g) for k, v in zero_scores(model).items()}
+        # every unit, routed experts too (for other models the same draws as before they existed)
+        return {k: torch.rand(v.shape, generator=g) for k, v in Masks(model).gates.items()}

@@ -21,6 +21,7 @@ import torch
 from ...core.apply import unwrap
 from ...core.blocks import base_layer, is_conv1d, weight_out_in
 from ...core.calibration import iterate, reduce_across_processes, to_device
+from ...core.sharded import is_sharded
 from .base import GATE_GRADIENTS, GRADIENTS, Importance, calibration_loss, register_importance, require_data
 from .magnitude import head_and_neuron_terms
 
@@ -38,6 +39,10 @@ class TaylorImportance(Importance):
     def score(self, model, batches=None) -> dict:
         require_data(self.name, batches)
         model = unwrap(model)
+        if is_sharded(model):  # FSDP2 averages parameter gradients over ranks in backward: no per-rank |w * grad|
+            raise NotImplementedError("taylor on calibration data needs each rank's own parameter gradients, which a "
+                                      "sharded (FSDP2) model does not keep; use taylor or fisher without calibration "
+                                      "(gate gradients from training), or fisher with calibration")
         device = next(model.parameters()).device
         saved = {n: (p.requires_grad, p.grad) for n, p in model.named_parameters()}
         for p in model.parameters():

@@ -123,7 +123,13 @@ def bias_flags_needed(model: nn.Module, blocks: list | None = None) -> dict:
 
 def _add_zero_biases(model: nn.Module, block: str) -> None:
     """A zero bias on every projection of the attention or FFN blocks named ``block`` that has none."""
-    for b in iter_blocks(model):
+    add_zero_biases(iter_blocks(model), block)
+
+
+def add_zero_biases(blocks, block: str) -> None:
+    """:func:`_add_zero_biases` on the given :class:`~hfprune.core.blocks.Block` s (one layer's, for sequential
+    pruning)."""
+    for b in blocks:
         if b.key.name != block:
             continue
         for projection in b.projections():

@@ -15,7 +15,9 @@ its output projection is updated for the removed heads' columns.
 
 Blocks are processed in forward order on the pruned model's own hidden states, so each block sees what it will
 see after pruning: per stack, the first layer's inputs are recorded once and the layers are replayed one at a
-time. The math is in pure functions (:func:`damped_inverse`, :func:`drop_columns`, :func:`greedy_drop`);
+time. The math is in pure functions (:func:`damped_inverse`, :func:`accumulate_hessian`, :func:`drop_columns`,
+:func:`greedy_drop`); :func:`record_layer_calls`, :func:`check_replay` and :func:`run_layer` replay a stack one layer
+at a time (SparseGPT uses them too);
 :func:`reconstruct` runs the calibration passes.
 """
 
@@ -28,6 +30,7 @@ from ...core.apply import unwrap
 from ...core.arch import get_adapter
 from ...core.blocks import base_layer, get_block, is_conv1d, iter_blocks, iter_stacks, merged_weight
 from ...core.calibration import Stop, device_batches, iterate, reduce_across_processes, token_rows
+from ...core.layerwise import HIDDEN_KWARGS, layer_hidden, run_layer  # also read from here by sparsity
 from ...core.structure import in_features
 from .tunable import tunable_blocks
 
@@ -45,6 +48,13 @@ def damped_inverse(hessian: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
         dead = h.diagonal() == 0
         h[dead, dead] = 1.0
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+def accumulate_hessian(hessian: torch.Tensor | None, x: torch.Tensor, batch: dict) -> torch.Tensor:
+    """``hessian + X^T X`` (float64) for a module input ``x`` (batch, seq, in) of ``batch``, padding left out;
+    ``hessian`` ``None`` starts the sum. Shared by structured OBS and SparseGPT."""
+    x = token_rows(x, batch).double()
+    return x.T @ x if hessian is None else hessian + x.T @ x
 
 
 def drop_columns(weight: torch.Tensor, hinv: torch.Tensor, cols: list) -> tuple:
@@ -121,18 +131,15 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
         if use_cache is not None:  # a KV cache would grow with every replay of a layer
             model.config.use_cache = False
         with torch.no_grad():
-            calls_per_block = _check_replay(model, spec, batches[0], pruned)
+            calls_per_block = check_replay(model, spec, batches[0], pruned)
             for stack_key, stack, layers in iter_stacks(model, spec):
-                calls = [_record(model, {stack_key: layers}, batch)[stack_key] for batch in batches]
-                hidden = [_hidden(c[0]) for c in calls]
+                calls = [record_layer_calls(model, {stack_key: layers}, batch)[stack_key] for batch in batches]
+                hidden = [layer_hidden(c[0]) for c in calls]
                 for i, layer in enumerate(iterate(layers, f"OBS {stack_key}")):
-                    for key, module, width in pruned.get((stack_key, i), []):
-                        layer_calls = [c[i] for c in calls]
-                        hessian = _input_hessian(layer, module, hidden, layer_calls, batches,
-                                                 stop=calls_per_block[key] == 1)
-                        hessian = reduce_across_processes({"h": hessian})["h"]  # every rank solves the same system
-                        out.update(_update(module, key, width, key[2] in stack.ffn, kept[key], hessian, damp))
-                    hidden = [_run(layer, h, c[i]) for h, c in zip(hidden, calls)]
+                    layer_calls = [c[i] for c in calls]
+                    out.update(reconstruct_layer(layer, pruned.get((stack_key, i), []), hidden, layer_calls, batches,
+                                                 kept, stack.ffn, damp, calls_per_block))
+                    hidden = [run_layer(layer, h, c) for h, c in zip(hidden, layer_calls)]
     except BaseException:
         with torch.no_grad():
             for bs in pruned.values():
@@ -143,6 +150,23 @@ def reconstruct(model: nn.Module, kept: dict, batches, damp: float = DAMP, max_e
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
+    return out
+
+
+def reconstruct_layer(layer: nn.Module, blocks: list, hidden: list, calls: list, batches: list, kept: dict,
+                      ffn_names, damp: float = DAMP, calls_per_block: dict | None = None) -> dict:
+    """Structured OBS of one layer: each of its pruned ``blocks`` (``[(key, output projection, width per unit)]``,
+    in the order they run) is fitted to the inputs its projection gets when ``layer`` is replayed on ``hidden``
+    (one tensor per batch of ``batches``, with the recorded ``calls``), after the earlier blocks' updates.
+    ``ffn_names``: the block names that are FFNs (their neurons are re-picked); ``calls_per_block``: how often each
+    projection runs per layer call (default once). Returns ``{key: kept units}`` for the FFN blocks it re-picked.
+    The in-memory :func:`reconstruct` and sequential pruning both run every layer through this."""
+    out = {}
+    for key, module, width in blocks:
+        stop = calls_per_block is None or calls_per_block[key] == 1
+        hessian = _input_hessian(layer, module, hidden, calls, batches, stop=stop)
+        hessian = reduce_across_processes({"h": hessian})["h"]  # every rank solves the same system
+        out.update(_update(module, key, width, key[2] in ffn_names, kept[key], hessian, damp))
     return out
 
 
@@ -160,6 +184,8 @@ def _pruned_blocks(model: nn.Module, spec, kept: dict) -> dict:
     for key, keep in kept.items():
         if keep is None or len(keep) >= get_block(model, key, spec).units:
             continue
+        if key[2] in ("experts", "expert_ffn"):
+            continue  # routed experts have no output projection to refit: removed as selected
         if key not in tunable:  # Autoformer: zeroing heads' output columns is not what removing them does
             raise ValueError(f"{name}: block {key} averages query-key scores over its heads, so removing heads "
                              "is not a change of its output projection that recovery='obs' can fit; use recovery "
@@ -190,7 +216,7 @@ def _update(module: nn.Module, key, width: int, is_ffn: bool, keep, hessian: tor
     return result
 
 
-def _record(model: nn.Module, stacks: dict, batch: dict, keep_hidden: bool = False) -> dict:
+def record_layer_calls(model: nn.Module, stacks: dict, batch: dict, keep_hidden: bool = False) -> dict:
     """``{stack key: [(args, kwargs) of each layer call]}`` for ``stacks`` (``{key: layers}``) in one pass of
     ``model`` on ``batch``. Only each stack's first hidden states are kept (the replay computes the others), unless
     ``keep_hidden``."""
@@ -216,7 +242,7 @@ def _record(model: nn.Module, stacks: dict, batch: dict, keep_hidden: bool = Fal
     return seen
 
 
-def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
+def check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
     """Raise ``ValueError`` unless every stack's layers are each called once per forward pass and each takes the
     previous layer's output as its input, so replaying a stack one layer at a time computes what the model does.
     Also sorts each layer's pruned blocks into the order they run in (which the family's block list need not
@@ -234,7 +260,7 @@ def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
     handles = [watch(key, module) for bs in pruned.values() for key, module, _ in bs]
     stacks = {key: layers for key, _, layers in iter_stacks(model, spec)}
     try:  # one pass: the call counts are per forward pass
-        calls = _record(model, stacks, batch, keep_hidden=True)
+        calls = record_layer_calls(model, stacks, batch, keep_hidden=True)
     finally:
         for h in handles:
             h.remove()
@@ -244,7 +270,7 @@ def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
             raise ValueError(f"{type(model).__name__}: stack {stack_key!r} made {len(recorded)} layer calls for "
                              f"{len(layers)} layers; recovery='obs' replays each layer once")
         for i in range(len(layers) - 1):
-            ran, nxt = _run(layers[i], _hidden(recorded[i]), recorded[i]), _hidden(recorded[i + 1])
+            ran, nxt = run_layer(layers[i], layer_hidden(recorded[i]), recorded[i]), layer_hidden(recorded[i + 1])
             if ran.shape != nxt.shape or not torch.allclose(ran, nxt, rtol=1e-4, atol=1e-5):
                 raise ValueError(f"{type(model).__name__}: layer {i + 1} of stack {stack_key!r} does not take layer "
                                  f"{i}'s output as its input, so recovery='obs' cannot replay the stack one layer at "
@@ -255,31 +281,6 @@ def _check_replay(model: nn.Module, spec, batch: dict, pruned: dict) -> dict:
     for bs in pruned.values():
         bs.sort(key=lambda b: order[b[0]])
     return counts
-
-
-HIDDEN_KWARGS = ("hidden_states", "hidden_state")  # what layers that take it by keyword call it
-
-
-def _hidden(call: tuple) -> torch.Tensor:
-    """The hidden states a recorded layer call received: the first positional argument, else the keyword."""
-    args, kwargs = call
-    if args:
-        return args[0]
-    for name in HIDDEN_KWARGS:
-        if name in kwargs:
-            return kwargs[name]
-    raise ValueError(f"a layer was called without hidden states by position or as one of {HIDDEN_KWARGS}")
-
-
-def _run(layer: nn.Module, hidden: torch.Tensor, call: tuple) -> torch.Tensor:
-    """Replay a recorded layer call on ``hidden``; the layer's output hidden states."""
-    args, kwargs = call
-    if args:
-        out = layer(hidden, *args[1:], **kwargs)
-    else:
-        name = next(n for n in HIDDEN_KWARGS if n in kwargs)
-        out = layer(**{**kwargs, name: hidden})
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop: bool) -> torch.Tensor:
@@ -297,14 +298,13 @@ def _input_hessian(layer, module, hidden: list, calls: list, batches: list, stop
     try:
         for h, call, batch in zip(hidden, calls, batches):
             try:
-                _run(layer, h, call)
+                run_layer(layer, h, call)
             except Stop:
                 pass
             if not seen:
                 raise RuntimeError(f"{type(module).__name__} did not run when its layer was replayed")
             for x in seen:
-                x = token_rows(x, batch).double()
-                hessian = x.T @ x if hessian is None else hessian + x.T @ x
+                hessian = accumulate_hessian(hessian, x, batch)
             seen.clear()
     finally:
         handle.remove()

@@ -13,10 +13,16 @@ from ...core.blocks import iter_blocks
 
 def tunable_blocks(model: nn.Module) -> list:
     """``[(key, output projection, width per unit)]`` in forward order (stacks, layers, attention then FFN)."""
+    return tunable(iter_blocks(unwrap(model)))
+
+
+def tunable(blocks) -> list:
+    """:func:`tunable_blocks` of the given :class:`~hfprune.core.blocks.Block` s (one layer's, for sequential
+    pruning)."""
     out = []
-    for block in iter_blocks(unwrap(model)):
+    for block in blocks:
         # real-valued gates on a query-averaging module mean nothing; an attention block without heads has none
-        if block.is_attention and (block.spec.gate_query or block.units == 0):
+        if block.is_attention and (block.spec.gate_query or block.units == 0) or block.is_expert:
             continue
         out.append((block.key, block.output_projection(), block.width))
     return out
