@@ -19,7 +19,9 @@ class DistillationConfig:
     ``T^2 * KL(teacher_T || student_T)`` per example (per non-padding token for token-level heads) for ``"kl"``,
     or the squared error of the logits for ``"mse"``; regression heads (``problem_type="regression"`` or one
     output) always use the squared error to the teacher's prediction, and forecasting models (outputs without
-    ``logits``) use ``hfprune.forecast.forecast_distill_loss``.
+    ``logits``) use ``hfprune.forecast.forecast_distill_loss``. With ``top_k``, the KL is over the teacher's top-k
+    tokens plus one bucket for the rest of the vocabulary (``hfprune.distill.losses.topk_kl_per_item``). Causal LMs
+    count the positions that predict a real token (shifted like their loss, ``labels == -100`` left out).
 
     Example:
 
@@ -39,6 +41,14 @@ class DistillationConfig:
         "help": "student -> teacher hidden_states index (0 is the embeddings); None: every student layer to the "
                 "teacher layer at the same relative depth"})
     loss: str = field(default="kl", metadata={"help": f"logits term, one of {LOSSES}"})
+    top_k: int | None = field(default=None, metadata={
+        "help": "KL over the teacher's top-k tokens plus one bucket for the rest of the vocabulary (a positive "
+                "int <= the vocabulary size; needs loss='kl'); None: the full vocabulary. Required with "
+                "precomputed teacher logits, and equal to the top-k they were written with"})
+    causal: bool | None = field(default=None, metadata={
+        "help": "token items of a causal LM: logits shifted like its loss (position t predicts token t + 1, the "
+                "last position and tokens whose label is -100 do not count); None: detect from the model "
+                "class (a ...ForCausalLM / ...LMHeadModel of transformers' causal-LM auto mapping)"})
     teacher_dtype: str | None = field(default=None, metadata={
         "help": f"cast the teacher to this dtype, one of {DTYPES} (None: keep its dtype)"})
     teacher_device: str | None = field(default=None, metadata={
@@ -55,6 +65,16 @@ class DistillationConfig:
                 raise ValueError(f"{name}={value!r} must be {allowed}")
         if not isinstance(self.loss, str) or self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r}; choose one of {LOSSES}")
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 1:
+                raise ValueError(f"top_k={self.top_k!r} must be a positive int (at most the vocabulary size) or "
+                                 "None for the full vocabulary")
+            self.top_k = int(self.top_k)
+            if self.loss != "kl":
+                raise ValueError(f"top_k={self.top_k} needs loss='kl', got loss={self.loss!r}: the top-k term is a "
+                                 "KL over the teacher's top-k tokens and a remainder bucket")
+        if self.causal is not None and not isinstance(self.causal, bool):
+            raise ValueError(f"causal={self.causal!r} must be True, False or None (detect from the model)")
         if self.teacher_dtype is not None and (not isinstance(self.teacher_dtype, str)
                                                or self.teacher_dtype not in DTYPES):
             raise ValueError(f"teacher_dtype={self.teacher_dtype!r}; choose one of {DTYPES} or None")

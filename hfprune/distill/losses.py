@@ -138,3 +138,83 @@ def combine_losses(task: torch.Tensor | None, distill: torch.Tensor | None, hidd
     if not parts:
         raise ValueError("no loss term is active: check alpha, hidden_weight and that the batch has labels")
     return sum(parts[1:], parts[0])
+
+
+# -- causal LMs: shifted token items and top-k logits --------------------------------------------------------
+
+
+def causal_token_mask(attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                      shape: tuple) -> torch.Tensor:
+    """Which logits of a causal LM are items, shifted like its loss: (B, T) inputs -> (B, T - 1) bool.
+
+    Position ``t`` predicts token ``t + 1``, so the last position never counts. Position ``t`` counts when both
+    ``t`` and ``t + 1`` are real tokens (``attention_mask``) and, with ``labels``, when ``labels[t + 1] != -100``
+    (the positions the language-model loss counts, so prompts masked out of the loss are masked out here too).
+    ``shape`` is ``(B, T)``, used when neither mask is given.
+    """
+    batch, length = int(shape[0]), int(shape[1])
+    keep = torch.ones(batch, max(length - 1, 0), dtype=torch.bool,
+                      device=attention_mask.device if attention_mask is not None else None)
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        keep = keep & real[:, :-1] & real[:, 1:]
+    if labels is not None:
+        keep = keep & labels[:, 1:].ne(-100).to(keep.device)
+    return keep
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple:
+    """The sparse teacher: ``(values, indices, lse)`` from full logits (..., V).
+
+    ``values`` (..., k) are the ``k`` largest raw logits (float32), ``indices`` (..., k) their token ids (int64),
+    ``lse`` (...) is ``logsumexp(logits / T)`` over the whole vocabulary (float32): with it the top-k tokens get
+    their true probabilities ``exp(values / T - lse)`` and the rest of the vocabulary its total mass."""
+    if not 0 < k <= teacher_logits.shape[-1]:
+        raise ValueError(f"top_k={k} must be in [1, {teacher_logits.shape[-1]}] (the vocabulary size)")
+    logits = teacher_logits.float()
+    values, indices = logits.topk(k, dim=-1)
+    return values, indices, torch.logsumexp(logits / float(temperature), dim=-1)
+
+
+def topk_kl_per_item(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """``T^2 * KL`` between teacher and student over the teacher's top-k tokens plus one remainder bucket.
+
+    Both distributions are coarsened the same way: the ``k`` tokens the teacher ranks highest keep their own
+    probabilities (at temperature ``T``, normalised over the whole vocabulary) and every other token is pooled in
+    one bucket; the KL of these ``k + 1`` outcomes is a lower bound of the full KL (equal when the student matches
+    the teacher's shape within the bucket) and equals it when ``k`` is the vocabulary size. The student's mass
+    outside the teacher's top-k is penalised, unlike a KL renormalised over the top-k alone.
+
+    ``student_logits`` (..., V); ``values``/``indices`` (..., k) and ``lse`` (...) as from :func:`teacher_topk`
+    (``values`` in any float dtype: fp16/bf16 from disk). Returns (...).
+    """
+    if values.shape != indices.shape or values.shape[:-1] != student_logits.shape[:-1] \
+            or lse.shape != values.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)}, teacher top-k values "
+                         f"{tuple(values.shape)}, indices {tuple(indices.shape)} and lse {tuple(lse.shape)} do "
+                         "not line up")
+    t = float(temperature)
+    vocab, k = student_logits.shape[-1], values.shape[-1]
+    if k > vocab:
+        raise ValueError(f"the teacher's top-{k} is more than the student's vocabulary of {vocab}")
+    indices = indices.long()
+    log_p = values.float() / t - lse.float().unsqueeze(-1)  # (..., k) teacher log-probs
+    scaled = student_logits.float() / t
+    log_z = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    log_q = scaled.gather(-1, indices) - log_z  # (..., k) student log-probs
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if k < vocab:  # the remainder bucket; at k == V it is empty on both sides
+        p_rest = (1.0 - log_p.exp().sum(-1)).clamp_min(0.0)  # fp16 values can push the sum a hair past 1
+        # log of the student's mass outside the top-k, without cancellation: a logsumexp over the other tokens
+        log_q_rest = torch.logsumexp(scaled.scatter(-1, indices, float("-inf")), dim=-1) - log_z.squeeze(-1)
+        safe_p = torch.where(p_rest > 0, p_rest, torch.ones_like(p_rest))
+        kl = kl + torch.where(p_rest > 0, p_rest * (safe_p.log() - log_q_rest), torch.zeros_like(p_rest))
+    return kl * (t * t)
+
+
+def topk_kl_distill_loss(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                         lse: torch.Tensor, temperature: float = 1.0, mask: torch.Tensor | None = None,
+                         num_items=None) -> torch.Tensor:
+    """:func:`topk_kl_per_item`, padding masked (``mask`` marks the items), normalised by ``num_items``."""
+    return reduce_items(topk_kl_per_item(student_logits, values, indices, lse, temperature), mask, num_items)

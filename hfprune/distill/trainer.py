@@ -21,8 +21,12 @@ from transformers import Trainer
 from transformers.utils import logging
 
 from ..core.apply import unwrap
+from ..core.sharded import check_supported_sharding
+from .causal import causal_logits_term, causal_token_count, check_setup, is_causal_lm, split_teacher_batch
 from .config import DistillationConfig
+from .logits_store import ROW_KEY, TeacherLogitsCollator, TeacherLogitsDataset
 from .losses import (
+    causal_token_mask,
     combine_losses,
     default_layer_map,
     hidden_mse_loss,
@@ -30,6 +34,8 @@ from .losses import (
     logits_mse_loss,
     make_projections,
     prediction_mse_loss,
+    teacher_topk,
+    topk_kl_distill_loss,
 )
 
 logger = logging.get_logger(__name__)
@@ -45,7 +51,13 @@ class DistillationTrainer(Trainer):
             built (self-distillation: the dense model before a :class:`~hfprune.pruning.callback.PruningCallback`
             prunes it).
         distill_config: :class:`DistillationConfig` (default: ``T=2``, ``alpha=0.5``, no hidden-state term).
+        teacher_logits: a folder written by :func:`~hfprune.distill.logits_store.precompute_teacher_logits` on the
+            same ``train_dataset`` (with ``teacher=None``): train from the teacher's top-k logits on disk, without
+            the teacher in memory. Needs ``top_k`` and the temperature they were written with.
         *args, **kwargs: passed to ``Trainer``.
+
+    Causal LMs (see ``DistillationConfig.causal``) count the positions that predict a token, shifted like their
+    loss, in every term; see :mod:`hfprune.distill.causal`.
 
     The teacher is kept in eval mode without gradients, optionally in another dtype or on another device; it is
     not part of the model, so checkpoints and ``save_model()`` hold the student only. Learned projections for
@@ -68,24 +80,37 @@ class DistillationTrainer(Trainer):
 
     loss_is_scaled_for_ga = True  # compute_loss normalises over the whole accumulated step itself
 
-    def __init__(self, *args, teacher=None, distill_config: DistillationConfig | None = None, **kwargs):
+    def __init__(self, *args, teacher=None, distill_config: DistillationConfig | None = None, teacher_logits=None,
+                 **kwargs):
         if distill_config is None:
             distill_config = DistillationConfig()
         if not isinstance(distill_config, DistillationConfig):  # before Trainer.__init__ changes model and disk
             raise TypeError(f"distill_config must be a DistillationConfig, got {type(distill_config).__name__}")
         if teacher is not None and not isinstance(teacher, torch.nn.Module):
             raise TypeError(f"teacher must be a model (torch.nn.Module) or None, got {type(teacher).__name__}")
+        store = check_setup(kwargs.get("model", args[0] if args else None), teacher, teacher_logits, distill_config,
+                            kwargs.get("train_dataset", args[3] if len(args) > 3 else None))
         super().__init__(*args, **kwargs)
+        check_supported_sharding(self.model, self.args)  # ZeRO-3: a teacher copied from partitioned weights is empty
         self.distill_config = distill_config
         student = unwrap(self.model)
-        if teacher is None:
-            teacher = copy.deepcopy(student)  # the model as given: dense, before any pruning during training
         cfg = distill_config
-        device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.args.device
-        dtype = getattr(torch, cfg.teacher_dtype) if cfg.teacher_dtype else None
-        self.teacher = teacher.to(device=device, dtype=dtype) if dtype else teacher.to(device)
-        self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        # causal LMs: logits shifted like their loss, and the task-loss items counted the same way
+        self._loss_shifts_labels = is_causal_lm(student) if cfg.causal is None else cfg.causal
+        self.teacher_logits = store
+        if store is not None:  # precomputed top-k: no teacher in memory; each row brings its own from disk
+            self.teacher = None
+            if self.train_dataset is not None:
+                self.train_dataset = TeacherLogitsDataset(self.train_dataset, store)
+            self.data_collator = TeacherLogitsCollator(self.data_collator, store)
+        else:
+            if teacher is None:
+                teacher = copy.deepcopy(student)  # the model as given: dense, before any pruning during training
+            device = torch.device(cfg.teacher_device) if cfg.teacher_device else self.args.device
+            dtype = getattr(torch, cfg.teacher_dtype) if cfg.teacher_dtype else None
+            self.teacher = teacher.to(device=device, dtype=dtype) if dtype else teacher.to(device)
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
         self.layer_map = None
         self.projections = torch.nn.ModuleDict()
         if cfg.hidden_weight > 0:
@@ -102,17 +127,34 @@ class DistillationTrainer(Trainer):
             self.callback_handler.callbacks.remove(cb)
             self.callback_handler.callbacks.insert(0, cb)
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.teacher_logits is not None and ROW_KEY not in self._signature_columns:
+            self._signature_columns.append(ROW_KEY)  # kept for TeacherLogitsCollator, which removes it
+
     # -- optimizer: the projections train with the student ------------------------------------------
 
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        params = list(self.projections.parameters())
-        if fresh and params:
-            raw = getattr(optimizer, "optimizer", optimizer)
-            raw.add_param_group({"params": params, "weight_decay": 0.0})
-            raw.register_step_pre_hook(lambda *_: self._sync_projection_grads())
+        if fresh and len(self.projections):
+            # Under FSDP, accelerate's prepare maps each optimizer parameter to the model's shard of it and knows
+            # only the model's: the projections (outside the model) join after it, in create_scheduler.
+            self._projections_pending = True
+            if not self.is_fsdp_enabled:
+                self._add_projections(optimizer)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if getattr(self, "_projections_pending", False):
+            self._add_projections(optimizer if optimizer is not None else self.optimizer)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _add_projections(self, optimizer) -> None:
+        self._projections_pending = False
+        raw = getattr(optimizer, "optimizer", optimizer)
+        raw.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
+        raw.register_step_pre_hook(lambda *_: self._sync_projection_grads())
 
     def _sync_projection_grads(self) -> None:
         # The projections are outside the DDP module, so DDP does not average their gradients: do it here.
@@ -144,6 +186,8 @@ class DistillationTrainer(Trainer):
         mask = batch.get("attention_mask")
         ids = batch.get("input_ids")
         tokens = float(mask.sum()) if mask is not None else float(ids.numel()) if ids is not None else -1.0
+        if getattr(self, "_loss_shifts_labels", False):
+            tokens = causal_token_count(batch)  # the shifted positions, as the loss counts them
         labels = batch.get("labels")
         if isinstance(labels, torch.Tensor):
             counted = labels[..., 1:] if getattr(self, "_loss_shifts_labels", False) else labels
@@ -169,24 +213,38 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.distill_config
         want_hidden = cfg.hidden_weight > 0
+        inputs, precomputed = split_teacher_batch(inputs)
         student_inputs = {**inputs, "output_hidden_states": True} if want_hidden else dict(inputs)
         outputs = model(**student_inputs)
-        if self.teacher.training:
-            self.teacher.eval()
-        t_device = next(self.teacher.parameters()).device
-        teacher_inputs = {k: (v.to(t_device) if isinstance(v, torch.Tensor) else v)
-                          for k, v in inputs.items() if k != "labels"}
-        if want_hidden:
-            teacher_inputs["output_hidden_states"] = True
-        with torch.no_grad():
-            t_out = self.teacher(**teacher_inputs)
+        t_out = None
+        if self.teacher is not None:
+            if self.teacher.training:
+                self.teacher.eval()
+            t_device = next(self.teacher.parameters()).device
+            teacher_inputs = {k: (v.to(t_device) if isinstance(v, torch.Tensor) else v)
+                              for k, v in inputs.items() if k != "labels"}
+            if want_hidden:
+                teacher_inputs["output_hidden_states"] = True
+            with torch.no_grad():
+                t_out = self.teacher(**teacher_inputs)
+        elif precomputed is None and model.training:
+            raise ValueError("a training batch came without its precomputed teacher logits: train on the dataset "
+                             "given to DistillationTrainer (it adds them)")
 
         (n_ex, n_tok, n_task), (l_ex, l_tok, l_task) = self._denominators(inputs, model.training)
         mask = inputs.get("attention_mask")
         task = getattr(outputs, "loss", None)
         if task is not None:
             task = task * (l_task / max(n_task, 1e-12))  # the model's mean -> sum / step count
-        distill = self._logits_term(outputs, t_out, inputs, mask, n_ex, n_tok, l_ex) if cfg.alpha > 0 else None
+        distill = None
+        if cfg.alpha > 0 and self._loss_shifts_labels and getattr(outputs, "logits", None) is not None:
+            if t_out is not None or precomputed is not None:
+                distill = causal_logits_term(outputs.logits, t_out, precomputed, inputs, cfg, n_tok)
+        elif cfg.alpha > 0:
+            distill = self._logits_term(outputs, t_out, inputs, mask, n_ex, n_tok, l_ex)
+        if distill is None and cfg.alpha > 0 and task is not None:
+            # evaluation without precomputed logits: the task loss alone (the teacher is not in memory)
+            return (task, outputs) if return_outputs else task
         hidden = None
         if want_hidden:
             s_h, t_h = getattr(outputs, "hidden_states", None), getattr(t_out, "hidden_states", None)
@@ -194,6 +252,9 @@ class DistillationTrainer(Trainer):
                 raise ValueError("hidden_weight > 0 needs models that return hidden_states")
             t_h = tuple(h.to(s_h[0].device) for h in t_h)
             token_mask = mask if mask is not None and s_h[0].dim() == 3 and mask.shape == s_h[0].shape[:2] else None
+            if self._loss_shifts_labels:  # the same items as the logits term: positions that predict a token
+                token_mask = causal_token_mask(mask, inputs.get("labels"), s_h[0].shape[:2])
+                s_h, t_h = tuple(h[:, :-1] for h in s_h), tuple(h[:, :-1] for h in t_h)
             hidden = hidden_mse_loss(s_h, t_h, self.layer_map, self.projections, token_mask,
                                      n_tok if token_mask is not None else n_ex)
         loss = combine_losses(task, distill, hidden, cfg.alpha, cfg.hidden_weight)
@@ -219,6 +280,9 @@ class DistillationTrainer(Trainer):
         items = n_tok if token_level else n_ex
         if cfg.loss == "mse" or problem == "multi_label_classification":
             return logits_mse_loss(logits, t_logits, token_mask, items)
+        if cfg.top_k is not None:
+            values, indices, lse = teacher_topk(t_logits, min(cfg.top_k, t_logits.shape[-1]), cfg.temperature)
+            return topk_kl_distill_loss(logits, values, indices, lse, cfg.temperature, token_mask, items)
         return kl_distill_loss(logits, t_logits, cfg.temperature, token_mask, items)
 
     # -- checkpoints: the projections beside the student -------------------------------------------

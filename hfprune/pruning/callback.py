@@ -40,8 +40,9 @@ from ..core.calibration import calibration_batches, check_batches, token_rows, w
 from ..core.distributed import broadcast_from_first, mean_across_ranks
 from ..core.masking import Masks
 from ..core.plan import PlanError, PrunePlan
+from ..core.sharded import check_training, compact_sharded, fill_slices_, is_sharded
 from .config import PruningConfig, require_config
-from .importance.base import ACTIVATIONS, GATE_GRADIENTS, WEIGHTS
+from .importance.base import ACTIVATIONS, GATE_GRADIENTS, GRADIENTS, WEIGHTS
 from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
 
 logger = logging.get_logger(__name__)
@@ -83,6 +84,9 @@ class PruningCallback(TrainerCallback):
     def __init__(self, config: PruningConfig, schedule: ScheduleConfig | None = None,
                  calibration: Iterable | None = None):
         config = require_config(config)
+        if getattr(config, "target", "blocks") == "hidden":
+            raise ValueError("target='hidden' prunes in one shot (hfprune.prune); PruningCallback masks heads and "
+                             "neurons while training")
         calibration = check_batches(None, calibration)  # its type now; its keys when the model is known
         if schedule is not None and not isinstance(schedule, ScheduleConfig):
             raise TypeError(f"schedule must be a hfprune.pruning.schedule.ScheduleConfig or None, got "
@@ -108,6 +112,7 @@ class PruningCallback(TrainerCallback):
         self.masks: Masks | None = None
         self.model = None
         self.plan: PrunePlan | None = None
+        self.pruned_model = None  # the sliced model when training ends; under FSDP2 a gathered copy, on rank 0 only
         self.events_done: list = []
         self._scores: dict = {}
         self._score_steps = 0
@@ -147,6 +152,9 @@ class PruningCallback(TrainerCallback):
         target = as_model(model)
         self.calibration = check_batches(target, self.calibration)
         self.calibration = calibration_batches(self.calibration, self.config.calibration_batch_size)
+        check_training(target, args, self.calibration if self.source == CALIBRATION else None,  # ZeRO-3; FSDP2 limits
+                       latency=getattr(self.config, "budget_kind", None) == "latency",
+                       weight_gradients=self.source == CALIBRATION and self.criterion.signal == GRADIENTS)
         self.model = target
         self._resolved = self.schedule.resolve(state.max_steps)
         steps = prune_steps(self._resolved)
@@ -248,7 +256,9 @@ class PruningCallback(TrainerCallback):
         for gate in self.masks.gates.values():
             gate.requires_grad_(False)
         self.plan = plan
-        apply_plan(model if model is not None else self.model, plan)
+        target = model if model is not None else self.model
+        # FSDP2: the shards cannot be sliced in place; rank 0 slices a gathered copy that trainer.save_model() saves
+        self.pruned_model = compact_sharded(target, plan) if is_sharded(target) else apply_plan(target, plan)
         self.masks = None
         return control
 
@@ -262,6 +272,8 @@ class PruningCallback(TrainerCallback):
         scores = self._current_scores()
         before = self.masks.to_plan()
         for key, gate in self.masks.gates.items():  # removed stays removed: rank masked units last
+            if key not in scores:
+                continue  # a block the criterion does not score (an expert criterion's heads): kept
             scores[key] = torch.where(gate.detach().cpu() != 0, scores[key].float().cpu(), torch.zeros(()))
         from .oneshot import plan_from_scores
 
@@ -352,9 +364,7 @@ class PruningCallback(TrainerCallback):
         self._zero_targets = targets
 
     def _zero_masked_weights(self) -> None:
-        with torch.no_grad():
-            for param, dim, idx in self._zero_targets:
-                param.index_fill_(dim, idx.to(param.device), 0.0)
+        fill_slices_(self._zero_targets, 0.0, self.model)  # FSDP2: into each rank's own shard
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""``hfprune prune`` layer by layer: which path runs (:func:`choose_path`), and the run itself
+(:func:`run_sequential`): calibration batches from the recipe's data,
+:func:`hfprune.pruning.sequential.prune_sequential` into the output folder, with the tokenizer, the recipe and the
+results beside the checkpoint in the same save.
+
+The sequential run never holds the dense model, so it does not evaluate or time it (the in-memory run does both);
+its results record parameters and MACs before and after, the plan and the time taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+from pathlib import Path
+
+logger = logging.getLogger("hfprune")
+
+# The in-memory run holds the dense model, a copy for timing and the pruned model: it is chosen while the weights
+# take less than this share of the memory left to the process.
+IN_MEMORY_SHARE = 0.25
+
+
+def weight_bytes(model_dir) -> int:
+    """Bytes of the weight files in ``model_dir`` (safetensors or PyTorch), 0 if it has none."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".gguf"))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the least of the kernel's ``MemAvailable``, the address-space limit
+    (``ulimit -v``) and the cgroup's limit; ``None`` when none is readable."""
+    found = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        found.append(soft)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def choose_path(requested: bool | None, config, model_dir) -> tuple:
+    """``(sequential, reason)``. ``requested``: ``--sequential`` (True), ``--no-sequential`` (False) or neither
+    (None: layer by layer when the criterion, recovery and budget allow it and the dense weights would not fit the
+    in-memory run comfortably). A forced ``--sequential`` the settings do not allow is a ``ValueError``."""
+    from ..pruning.sequential import sequential_problem
+
+    problem = sequential_problem(config)
+    if requested is False:
+        return False, "--no-sequential"
+    if requested:
+        if problem:
+            raise ValueError(f"--sequential: {problem}")
+        return True, "--sequential"
+    if problem:
+        return False, problem
+    size, free = weight_bytes(model_dir), available_memory()
+    if free is not None and size > IN_MEMORY_SHARE * free:
+        return True, (f"the weights ({size / 2**30:.2f} GiB) take more than {IN_MEMORY_SHARE:.0%} of the memory left "
+                      f"to this process ({free / 2**30:.2f} GiB)")
+    return False, (f"the weights ({size / 2**30:.2f} GiB) fit in memory, where the dense model is also evaluated and "
+                   "timed; --sequential prunes layer by layer anyway")
+
+
+def run_sequential(recipe, *, dtype=None, offload_dir=None):
+    """Prune ``recipe``'s model layer by layer into its output folder; returns the
+    :class:`~hfprune.pruning.oneshot.PruneResult`."""
+    from ..pruning.sequential import prune_sequential
+    from .artifacts import RECIPE_FILE, layer_rows, write_results
+    from .run import batches, collator, load_data, load_tokenizer, resolve_model_path, subset
+
+    if offload_dir is not None:
+        from ..pruning.seqio import check_writable
+
+        check_writable(offload_dir)  # before the data are read, let alone the model
+    if dtype not in (None, "auto"):
+        from ..pruning.lazy import resolve_dtype
+
+        resolve_dtype(None, dtype)
+    path = resolve_model_path(recipe)
+    tokenizer = load_tokenizer(recipe, path)
+    data = load_data(recipe, tokenizer)  # text shorter than one block is refused here, before anything is written
+    calibration = None
+    if data is not None:
+        d = recipe.data
+        calibration = batches(subset(data[d.train_split], d.calibration_samples, recipe.seed),
+                              collator(recipe, tokenizer, None), d.calibration_batch_size)
+
+    def stage(folder: Path, result) -> None:  # into the same save: nothing looks finished before all is written
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        (folder / RECIPE_FILE).write_text(recipe.to_yaml())
+        write_results(folder, {
+            "recipe": recipe.name, "method": "oneshot", "path": "sequential", "task": recipe.model.task,
+            "model_type": result.model.config.model_type, "base_model_dir": str(path),
+            "pruning": recipe.pruning.to_dict(), "recovery": result.recovery, "metrics": {"before": {}, "after": {}},
+            "params": {"before": result.before.params, "after": result.after.params},
+            "macs": {"before": result.before.macs, "after": result.after.macs, "seq_len": recipe.pruning.seq_len},
+            "layers": layer_rows(result.before, result.after, result.plan), "seconds": result.seconds})
+
+    result = prune_sequential(path, calibration, recipe.pruning, recipe.output_dir, dtype=dtype,
+                              offload_dir=offload_dir, stage=stage)
+    logger.info("saved to %s", recipe.output_dir)
+    return result
