@@ -1,0 +1,49 @@
+# Copyright hfprune contributors. Apache-2.0.
+"""SparseGPT (Frantar & Alistarh 2023): prune a weight column block by column block and move each removed weight's
+contribution onto the columns not yet visited, with the Optimal Brain Surgeon update from the layer input's
+Hessian ``H = X^T X``. The Hessian and its damped inverse are structured OBS's
+(:func:`hfprune.pruning.recovery.obs.accumulate_hessian`, :func:`~hfprune.pruning.recovery.obs.damped_inverse`).
+
+With ``U`` the upper Cholesky factor of ``Hinv`` (so row ``i`` of ``U``, divided by ``U[i, i]``, is the OBS update
+direction once columns ``< i`` are fixed), visiting column ``i``::
+
+    err = (w_i - q_i) / U[i, i]          q_i: w_i with its pruned rows zeroed
+    W[:, i:] -= err  U[i, i:]            (the columns of this block at once; later blocks lazily, per block)
+
+The mask of each column block is chosen when the block starts, from ``W^2 / U[i, i]^2`` of the weights as updated so
+far, in the requested pattern (unstructured: the block's lowest share; N:M: per group; block tiles).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..recovery.obs import DAMP, damped_inverse
+from .patterns import Pattern, mask_for
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float,
+                    block_size: int = 128, damp: float = DAMP) -> tuple:
+    """``(W', keep mask)`` for ``weight`` (out, in) given its inputs' ``hessian`` (in, in); pure. ``W'`` is
+    float64, zero where the mask is False."""
+    w = weight.double().clone()
+    cols = w.shape[1]
+    hinv = damped_inverse(hessian, damp if damp > 0 else DAMP)  # undamped: H is singular for most layers
+    u = torch.linalg.cholesky(hinv, upper=True)
+    group = pattern.m if pattern.kind == "n:m" else pattern.cols if pattern.kind == "block" else 1
+    step = max(block_size // group, 1) * group  # a mask group never straddles two column blocks
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, step):
+        i2 = min(i1 + step, cols)
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err = torch.zeros_like(w1)
+        keep1 = mask_for(w1.pow(2) / u1.diagonal().pow(2), pattern, sparsity)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            e = col * (~keep1[:, i]) / u1[i, i]  # (w - q) / d
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err[:, i] = e
+        w[:, i1:i2] = w1 * keep1  # the update already made the pruned entries zero, up to rounding
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+        keep[:, i1:i2] = keep1
+    return w, keep
