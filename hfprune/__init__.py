@@ -25,14 +25,19 @@ _EXPORTS = {
     "PlanError": ".core.plan",
     "PrunePlan": ".core.plan",
     "PruneResult": ".pruning.oneshot",
+    "PrunedPushCallback": ".core.checkpoint.trainer_push",
     "PruningCallback": ".pruning.callback",
     "PruningConfig": ".pruning.config",
     "ScheduleConfig": ".pruning.schedule",
+    "SparsityCallback": ".pruning.sparsity.callback",
+    "SparsityConfig": ".pruning.sparsity",
     "apply_plan": ".core.apply",
     "from_pretrained": ".core.checkpoint.load",
     "get_adapter": ".core.arch",
     "model_dims": ".core.apply",
     "prune": ".pruning.oneshot",
+    "save_sparse": ".pruning.sparsity",
+    "sparsify": ".pruning.sparsity",
     "supported_importance": ".pruning.importance",
     "supported_model_types": ".core.arch",
 }
@@ -45,15 +50,20 @@ __all__ = [
     "PlanError",
     "PrunePlan",
     "PruneResult",
+    "PrunedPushCallback",
     "PruningCallback",
     "PruningConfig",
     "ScheduleConfig",
+    "SparsityCallback",
+    "SparsityConfig",
     "__version__",
     "apply_plan",
     "from_pretrained",
     "get_adapter",
     "model_dims",
     "prune",
+    "save_sparse",
+    "sparsify",
     "supported_importance",
     "supported_model_types",
 ]
@@ -86,3 +96,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from .pruning.importance import supported_importance
     from .pruning.oneshot import PruneResult, prune
     from .pruning.schedule import ScheduleConfig
+    from .pruning.sparsity import SparsityConfig, save_sparse, sparsify
+    from .pruning.sparsity.callback import SparsityCallback

@@ -127,3 +127,64 @@ def test_a_relative_csv_recipe_loads_its_data_from_any_directory(tmp_path, elsew
     recipe = load_recipe(write(folder, raw))
     data = run.read_data(recipe.data, recipe.root)
     assert data["train"]["text"] == ["train row", "other"] and len(data["test"]) == 4  # the glob: both files
+
+
+# ---- paths in the loader's keyword arguments (data.kwargs) -----------------------------------------------------------
+
+
+def test_loader_kwargs_that_name_files_resolve_against_the_recipe_folder(tmp_path, elsewhere):
+    folder = tmp_path / "project"
+    (folder / "mydata").mkdir(parents=True)
+    kwargs = {"files": "data/rows.csv", "data_files": {"train": ["a/*.csv", "/abs/b.csv"]}, "data_dir": "raw",
+              "labels_file": "labels.txt", "cache_dir": "~/cache", "time_column": "time", "sep": ";",
+              "split": "train", "fractions": {"train": 0.8, "test": 0.2}}
+    recipe = load_recipe(write(folder, {"name": "kw", "pruning": PRUNING,
+                                        "data": {"loader": "hfprune.data.rows:load_rows", "kwargs": kwargs}}))
+    assert recipe.data.kwargs == {
+        **kwargs, "files": str(folder / "data/rows.csv"), "data_dir": str(folder / "raw"),
+        "data_files": {"train": [str(folder / "a/*.csv"), "/abs/b.csv"]}, "labels_file": str(folder / "labels.txt"),
+        "cache_dir": os.path.expanduser("~/cache")}  # other keys as written
+    assert recipe.raw["data"]["kwargs"]["files"] == "data/rows.csv"  # recipe.yaml keeps them as written
+    # `dataset` is a folder beside the recipe when there is one, else a datasets name
+    for name, expected in (("mydata", str(folder / "mydata")), ("imdb", "imdb"), ("user/set", "user/set")):
+        recipe = load_recipe(write(folder, {"name": "ds", "pruning": PRUNING, "data": {
+            "loader": "hfprune.data.rows:load_rows", "kwargs": {"dataset": name}}}))
+        assert recipe.data.kwargs["dataset"] == expected
+
+
+def test_loader_kwargs_given_as_overrides_or_in_a_dict_stay_relative_to_the_current_directory(tmp_path, elsewhere):
+    raw = {"name": "kw", "pruning": PRUNING,
+           "data": {"loader": "hfprune.data.rows:load_rows", "kwargs": {"files": "rows.csv", "data_dir": "d"}}}
+    recipe = load_recipe(write(tmp_path / "r", raw), ["--data.kwargs.files=mine.csv"])
+    assert recipe.data.kwargs == {"files": "mine.csv", "data_dir": str(tmp_path / "r" / "d")}
+    assert load_recipe(raw).data.kwargs == {"files": "rows.csv", "data_dir": "d"}
+
+
+def test_a_rows_recipe_reads_its_csv_from_any_directory(tmp_path, elsewhere, module_name):
+    folder = tmp_path / "project"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "reviews.csv").write_text("text,label\n" + "".join(f"row {i},{i % 2}\n" for i in range(10)))
+    recipe = load_recipe(write(folder, {"name": "rows", "pruning": PRUNING, "data": {
+        "loader": "hfprune.data.rows:load_rows", "kwargs": {"files": "data/reviews.csv"}}}))
+    data = run.read_data(recipe.data, recipe.root)
+    assert sum(split.num_rows for split in data.values()) == 10
+    # and a loader of one's own beside the recipe, with a path argument of its own naming
+    (folder / f"{module_name}.py").write_text(
+        "import datasets\n\n\n"
+        "def rows(seed=0, csv_path=None):\n"
+        "    part = datasets.load_dataset('csv', data_files=csv_path)['train']\n"
+        "    return datasets.DatasetDict({'train': part, 'test': part})\n")
+    recipe = load_recipe(write(folder, {"name": "own", "pruning": PRUNING, "data": {
+        "loader": f"{module_name}:rows", "kwargs": {"csv_path": "data/reviews.csv"}}}))
+    assert run.read_data(recipe.data, recipe.root)["train"].num_rows == 10
+
+
+def test_the_docstring_example_holds():
+    import doctest
+
+    from hfprune.pipeline import recipe_paths
+
+    text = "\n".join(line for line in recipe_paths.__doc__.splitlines() if not line.strip().startswith("```"))
+    runner = doctest.DocTestRunner()
+    runner.run(doctest.DocTestParser().get_doctest(text, {}, "recipe_paths", recipe_paths.__file__, 0))
+    assert runner.failures == 0 and runner.tries > 0

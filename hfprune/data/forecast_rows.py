@@ -90,6 +90,23 @@ def parse_times(values: list, column: str, split: str | None = None) -> np.ndarr
     return stamps.to_numpy().astype("datetime64[s]")
 
 
+def time_step(rows, time_column: str) -> str | None:
+    """The sampling frequency of ``rows`` (a table with ``time_column``) as a pandas offset alias (``h``,
+    ``30min``, ``D``), or ``None`` when the times have none (fewer than three, or irregular: cutting such rows into
+    windows is refused with the reason)."""
+    import pandas as pd
+
+    if time_column not in (rows.column_names if hasattr(rows, "column_names") else list(rows)):
+        return None
+    stamps = np.unique(parse_times(list(rows[time_column]), time_column))
+    if len(stamps) < 3:
+        return None
+    with warnings.catch_warnings():  # pandas 3 announces an offset instead of a string: take either
+        warnings.simplefilter("ignore")
+        freq = pd.infer_freq(pd.DatetimeIndex(stamps))
+    return getattr(freq, "freqstr", freq)
+
+
 def rows_to_series(splits: dict, time_column: str, target_columns: list, covariate_columns: list | None = None,
                    train_split: str = "train") -> tuple:
     """``{split: rows}`` (each a ``datasets.Dataset`` or a dict of columns) -> ``(series, bounds)``: one

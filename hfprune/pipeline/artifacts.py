@@ -85,7 +85,7 @@ class Results(TypedDict, total=False):
     base_model_dir: str  # where the dense model was loaded from
     model_type: str
     dataset: str
-    eval: dict  # {"split": str, "examples": int}
+    eval: dict  # {"split": str, "examples": int, "f1_average": str, "mase_periodicity": int}
     pruning: dict  # PruningConfig.to_dict()
     distilled: bool
     metrics: Stages
@@ -158,13 +158,20 @@ def _ratio(a, b) -> str:
     return f"{a / b:.2f}" if a is not None and b else ""
 
 
+def metric_title(name: str, eval_record: dict) -> str:
+    """A metric's name as the tables and the card show it: MASE with the seasonal lag it scaled by."""
+    if name == "mase" and "mase_periodicity" in eval_record:
+        return f"mase (m={eval_record['mase_periodicity']})"
+    return name
+
+
 def results_table(r: Results) -> str:
     """The before/after markdown table: metrics, parameters, MACs and measured latency."""
     rows = ["| | dense | pruned | pruned / dense |", "|---|---:|---:|---:|"]
     split = r.get("eval", {}).get("split", "eval")
     for name, before in r["metrics"]["before"].items():
         after = r["metrics"]["after"].get(name)
-        rows.append(f"| {split} {name} | {before:.4f} | {after:.4f} | |")
+        rows.append(f"| {split} {metric_title(name, r.get('eval', {}))} | {before:.4f} | {after:.4f} | |")
     p, m = r["params"], r["macs"]
     rows.append(f"| parameters | {p['before']:,} | {p['after']:,} | {_ratio(p['after'], p['before'])} |")
     rows.append(f"| MACs, transformer layers, seq {m['seq_len']} | {m['before']:,} | {m['after']:,} | "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .artifacts import RECIPE_FILE, layer_table, results_table
+from .artifacts import RECIPE_FILE, layer_table, metric_title, results_table
 from .tasks import TASKS
 
 DATASET_NAMES = {"movie_reviews": "Movie-review sentences (Pang & Lee 2005, polar subset)"}
@@ -36,7 +36,7 @@ def card_data(results: dict):
             evals.append(EvalResult(task_type=task, dataset_type=dataset,
                                     dataset_name=DATASET_NAMES.get(dataset, dataset), dataset_split=split,
                                     metric_type=name, metric_value=round(float(value), 6),
-                                    metric_name=f"{name} ({label})"))
+                                    metric_name=f"{metric_title(name, results.get('eval', {}))} ({label})"))
     name = results.get("recipe") or "pruned-model"
     return ModelCardData(
         base_model=base_model_id(results),

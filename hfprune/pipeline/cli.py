@@ -4,9 +4,12 @@
     hfprune run [RECIPE] [--section.key=value ...] [--no-save] [--push]
     hfprune prune --model_dir DIR --output_dir OUT [--macs_ratio 0.6 --criterion fisher ...] [--data movie_reviews]
                   [--data_files FILE ... | --dataset NAME] [--text_column/--label_column/--time_column COLUMN ...]
+                  [--sequential | --no-sequential] [--dtype bfloat16] [--offload_dir DIR] [--calibration_samples N]
     hfprune report DIR [--out PLOTS_DIR] [--no-plots]
     hfprune push DIR REPO_ID [--private] [--revision BRANCH] [--create-pr] [--token TOKEN] [--message TEXT]
     hfprune sweep [RECIPE] [--ratios 0.4,0.5,0.6,0.7,0.8] [--budget macs_ratio] [--section.key=value ...]
+    hfprune sparsify MODEL_DIR --output DIR [--criterion wanda] [--sparsity 0.5] [--pattern 2:4] [--compact] ...
+    hfprune serve DIR [--check-only] [--python PYTHON] [--vllm="VLLM SERVER OPTIONS"]
     hfprune env
 
 ``run`` with no recipe runs the embedded default (MiniLM movie-review sentiment, one-shot Fisher pruning to 60%
@@ -19,7 +22,8 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+
+from .cli_prune_args import DEFAULT_METRICS, PruneArgs, prune_data
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -108,115 +112,6 @@ def cmd_sweep(args: list) -> int:
     return 0
 
 
-ROWS_LOADER = "hfprune.data.rows:load_rows"
-DEFAULT_METRICS = {"text-classification": ["accuracy"], "causal-lm": ["perplexity"], "forecasting": ["mse", "mae"]}
-
-
-@dataclass
-class PruneArgs:
-    """What ``hfprune prune`` prunes and where it saves; the pruning itself is a :class:`~hfprune.PruningConfig`."""
-
-    model_dir: str = field(metadata={"help": "saved model directory (or asset:minilm)"})
-    output_dir: str = field(metadata={"help": "where the pruned checkpoint, card and plots go"})
-    task: str = field(default="text-classification", metadata={"help": "text-classification, causal-lm, forecasting"})
-    data: str = field(default="none", metadata={
-        "help": "calibration/evaluation data: movie_reviews, package.module:function, or none (data-free criteria); "
-                "your own data: --data_files or --dataset"})
-    data_files: list[str] | None = field(default=None, metadata={
-        "help": "your own data: file(s) (.csv .tsv .json .jsonl .parquet .txt), one pool cut into train/validation/"
-                "test, or SPLIT=PATH each (train=a.csv test=b.csv)"})
-    dataset: str | None = field(default=None, metadata={"help": "your own data: a datasets name or local folder"})
-    dataset_config: str | None = field(default=None, metadata={"help": "with --dataset: its configuration name"})
-    split: str | None = field(default=None, metadata={
-        "help": "with --dataset: load this split and cut it into train/validation/test (default: its own splits)"})
-    text_column: str = field(default="text", metadata={"help": "the column of text (text tasks)"})
-    label_column: str = field(default="label", metadata={
-        "help": "the column of labels (text-classification): ids, or words mapped to ids in sorted order"})
-    time_column: str | None = field(default=None, metadata={"help": "forecasting: the column of times"})
-    target_columns: list[str] | None = field(default=None, metadata={
-        "help": "forecasting: the column(s) to forecast, one per model channel"})
-    covariate_columns: list[str] | None = field(default=None, metadata={
-        "help": "forecasting: column(s) known ahead, fed as time features (seq2seq models only)"})
-    max_length: int | None = field(default=None, metadata={
-        "help": "tokens per text row; causal-lm: the block size (default 128)"})
-    num_labels: int | None = field(default=None, metadata={"help": "classification labels, for a fresh head"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "the model is itself a pruned checkpoint"})
-    latency: bool = field(default=True, metadata={"help": "measure latency before/after"})
-
-
-def _names(values: list | None) -> list | None:
-    """``["a,b", "c"]`` -> ``["a", "b", "c"]``: columns may be given space- or comma-separated."""
-    if values is None:
-        return None
-    return [v.strip() for value in values for v in value.split(",") if v.strip()]
-
-
-def _data_files(values: list) -> str | list | dict:
-    """``--data_files`` values: paths (one pool), or ``SPLIT=PATH`` each (a split may repeat)."""
-    named = [v for v in values if "=" in v and not os.path.exists(v)]
-    if not named:
-        return values[0] if len(values) == 1 else list(values)
-    if len(named) != len(values):
-        raise ValueError(f"--data_files {' '.join(values)}: give either paths (one pool, cut into splits) or "
-                         "SPLIT=PATH for every file, not both")
-    files = {}
-    for value in values:
-        split, path = value.split("=", 1)
-        if not split or not path:
-            raise ValueError(f"--data_files {value!r}: write SPLIT=PATH, e.g. train=data/train.csv")
-        files.setdefault(split, []).append(path)
-    return files
-
-
-def prune_data(args: PruneArgs) -> dict:
-    """The recipe ``data`` section the flags describe (what a recipe for the same data would say); flags that
-    do not fit together are refused, naming them."""
-    own = {"--data_files": args.data_files, "--dataset": args.dataset}
-    given = [name for name, value in own.items() if value is not None]
-    series = {"--time_column": args.time_column, "--target_columns": args.target_columns,
-              "--covariate_columns": args.covariate_columns}
-    if len(given) > 1:
-        raise ValueError("give --data_files (local files) or --dataset (a datasets name or folder), not both")
-    if given and args.data != "none":
-        raise ValueError(f"--data {args.data} and {given[0]} both name the data; give one")
-    if args.dataset is None and (args.dataset_config is not None or args.split is not None):
-        raise ValueError("--dataset_config and --split go with --dataset")
-    if args.task != "forecasting":
-        misplaced = [name for name, value in series.items() if value is not None]
-        if misplaced:
-            raise ValueError(f"{', '.join(misplaced)}: for --task forecasting only (this is --task {args.task})")
-    if not given:
-        loose = [name for name, value in series.items() if value is not None]
-        if loose:
-            raise ValueError(f"{', '.join(loose)} describe your own data: add --data_files or --dataset")
-        return {"loader": args.data, **({"max_length": args.max_length} if args.max_length else {})}
-    if args.dataset is not None:
-        kwargs = {"dataset": args.dataset, **({"config": args.dataset_config} if args.dataset_config else {}),
-                  **({"split": args.split} if args.split else {})}
-    else:
-        from ..data.rows import data_file_paths
-
-        kwargs = {"files": _data_files(args.data_files)}
-        data_file_paths(kwargs["files"])  # a missing or empty file is named now, before any model loads
-    section = {"loader": ROWS_LOADER, "kwargs": kwargs}
-    if args.task == "forecasting":
-        missing = [name for name in ("--time_column", "--target_columns") if series[name] is None]
-        if missing:
-            raise ValueError(f"--task forecasting from {given[0]} needs {' and '.join(missing)} (the column of "
-                             "times and the column(s) to forecast)")
-        kwargs["time_column"] = args.time_column  # one file is cut into spans of time, not shuffled
-        section.update(time_column=args.time_column, target_columns=_names(args.target_columns))
-        if args.covariate_columns is not None:
-            section["covariate_columns"] = _names(args.covariate_columns)
-    else:
-        section.update(text_column=args.text_column)
-        if args.task == "text-classification":
-            section["label_column"] = args.label_column
-    if args.max_length is not None:
-        section["max_length"] = args.max_length
-    return section
-
-
 def cmd_prune(args: list) -> int:
     from transformers import HfArgumentParser
 
@@ -226,11 +121,19 @@ def cmd_prune(args: list) -> int:
 
     parser = HfArgumentParser((PruneArgs, PruningConfig), prog="hfprune prune",
                               description="One-shot pruning of a saved model (a recipe built from these flags).")
+    flags = [a for a in args if a in ("--sequential", "--no-sequential")]
+    if len(set(flags)) > 1:
+        raise SystemExit("hfprune prune: error: give --sequential or --no-sequential, not both")
+    requested = None if not flags else flags[0] == "--sequential"
     try:
-        prune_args, config = parser.parse_args_into_dataclasses(args)
+        prune_args, config = parser.parse_args_into_dataclasses([a for a in args if a not in flags])
     except ValueError as err:  # PruningConfig.__post_init__: a bad or missing budget
         raise SystemExit(f"hfprune prune: error: {err}") from None
     data = prune_data(prune_args)
+    if prune_args.task == "causal-lm" and prune_args.max_length is None and data["loader"] != "none":
+        data["max_length"] = config.seq_len  # calibrate on blocks as long as the length costs are counted at
+    if prune_args.calibration_samples is not None:
+        data["calibration_samples"] = prune_args.calibration_samples
     raw = {
         "name": os.path.basename(os.path.normpath(prune_args.output_dir)),
         "method": "oneshot",
@@ -244,6 +147,19 @@ def cmd_prune(args: list) -> int:
     }
     recipe = load_recipe(raw)
     _setup_logging()
+    from .sequential_run import choose_path, run_sequential
+
+    if requested is None and (prune_args.dtype is not None or prune_args.offload_dir is not None):
+        requested = True  # both only mean something layer by layer
+    sequential, why = choose_path(requested, recipe.pruning, recipe.model.path)
+    logging.getLogger("hfprune").info("%s path: %s", "layer-by-layer" if sequential else "in-memory", why)
+    if sequential:
+        result = run_sequential(recipe, dtype=prune_args.dtype, offload_dir=prune_args.offload_dir)
+        print(result.table())
+        print(f"\nSaved to {recipe.output_dir}")
+        return 0
+    if prune_args.dtype is not None or prune_args.offload_dir is not None:
+        raise ValueError("--dtype and --offload_dir apply to layer-by-layer pruning; drop --no-sequential")
     result = run(recipe)
     print(result.table())
     print(f"\nSaved to {result.output_dir}")
@@ -344,8 +260,20 @@ def cmd_env(args: list) -> int:
     return 0
 
 
+def cmd_sparsify(args: list) -> int:
+    from .cli_sparsify import main as sparsify_main
+
+    return sparsify_main(args)
+
+
+def cmd_serve(args: list) -> int:
+    from .cli_serve import main as serve_main
+
+    return serve_main(args)
+
+
 COMMANDS = {"run": cmd_run, "prune": cmd_prune, "report": cmd_report, "push": cmd_push, "sweep": cmd_sweep,
-            "env": cmd_env}
+            "sparsify": cmd_sparsify, "serve": cmd_serve, "env": cmd_env}
 
 
 def main(argv: list | None = None) -> int:

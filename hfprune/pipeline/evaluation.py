@@ -35,6 +35,19 @@ def f1_average(evaluation: EvalSpec, model) -> str | None:
     return "macro" if getattr(model.config, "num_labels", 2) > 2 else "binary"
 
 
+def eval_record(recipe: Recipe, model, eval_batches: list | None) -> dict:
+    """``hfprune_results.json``'s ``eval``: the split, its examples, and how the metrics were computed (the tables
+    name it): F1's averaging and MASE's seasonal lag, for the metrics the recipe has."""
+    evaluation = recipe.evaluation
+    out = {"split": recipe.data.eval_split,
+           "examples": sum(len(next(iter(b.values()))) for b in eval_batches or [])}
+    if "f1" in evaluation.metrics:
+        out["f1_average"] = f1_average(evaluation, model)
+    if "mase" in evaluation.metrics:
+        out["mase_periodicity"] = evaluation.periodicity or 1
+    return out
+
+
 def metric_label(name: str, average: str | None) -> str:
     """The name a metric's value goes by in the results and tables: ``f1`` names its averaging unless binary."""
     return f"{name} ({average})" if name == "f1" and average not in (None, "binary") else name

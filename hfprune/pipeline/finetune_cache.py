@@ -14,10 +14,10 @@ from pathlib import Path
 MODEL_FILES_SKIPPED = (".md",)
 # DataSpec keys that do not change what the fine-tune stage trains on: the train split's contents stand for the
 # loader, its paths and seed (a loader's `format` and `kwargs` too, except for `files`, whose bytes are hashed
-# before parsing); the other splits and the calibration/evaluation sizes are read after it. Every other key
-# (columns, max_length, a key added later) is in the cache key.
+# before parsing); the other splits, the calibration/evaluation sizes and `freq` (MASE's season) are read after
+# it. Every other key (columns, max_length, a key added later) is in the cache key.
 NOT_TRAINING_DATA = ("loader", "files", "seed", "train_split", "validation_split", "eval_split", "calibration_samples",
-                     "calibration_batch_size", "max_eval_samples")
+                     "calibration_batch_size", "max_eval_samples", "freq")
 
 
 def _sha256(path: Path, digest=None):

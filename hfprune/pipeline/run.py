@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.plan import hub_id
 from ..pruning.latency import time_models
 from .artifacts import (  # noqa: F401  (RESULTS_FILE, sweep_table, ...: hfprune.run's names before the split)
     CARD_FILE,
@@ -38,7 +39,7 @@ from .artifacts import (  # noqa: F401  (RESULTS_FILE, sweep_table, ...: hfprune
     sweep_table,
     write_results,
 )
-from .evaluation import evaluate_model, f1_average, hardware, latency_input, metric_label  # noqa: F401
+from .evaluation import eval_record, evaluate_model, f1_average, hardware, latency_input, metric_label  # noqa: F401
 from .finetune_cache import cache_key, files_digest, finetune_settings, model_digest  # noqa: F401
 from .recipe import Recipe
 from .specs import DataSpec
@@ -161,9 +162,14 @@ def data_files(data: DataSpec, split: str, root: Path | None = None) -> list:
 def load_data(recipe: Recipe, tokenizer, raw=None, model=None):
     """The recipe's DatasetDict, prepared by its task (text tokenised, labels in ``labels``, other columns
     dropped), or ``None`` without data. ``raw``: the loader's DatasetDict when already read. ``model``: the loaded
-    model, which the task reads (a forecaster's window lengths) and names (word labels into its config)."""
+    model, which the task reads (a forecaster's window lengths) and names (word labels into its config). What the
+    recipe leaves to the data is settled here, in ``recipe.evaluation`` (MASE's season from the data's frequency)."""
     raw = read_data(recipe.data, recipe.root) if raw is None else raw
-    return None if raw is None else get_task(recipe.model.task).prepare_data(raw, tokenizer, recipe.data, model)
+    if raw is None:
+        return None
+    task = get_task(recipe.model.task)
+    recipe.evaluation = task.resolve_evaluation(raw, recipe.data, recipe.evaluation, model)
+    return task.prepare_data(raw, tokenizer, recipe.data, model)
 
 
 def collator(recipe: Recipe, tokenizer, model):
@@ -321,12 +327,10 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
         "hfprune_version": _version(), "recipe": recipe.name, "method": recipe.method, "task": recipe.model.task,
         # base_model(_id): a Hub id or None, for the card's metadata (of the resolved path: a relative one as
         # written could read as owner/name); model_path: where the dense model came from, as the recipe wrote it
-        "base_model": _hub_id(recipe.model.path), "model_path": (recipe.raw.get("model") or {}).get(
+        "base_model": hub_id(recipe.model.path), "model_path": (recipe.raw.get("model") or {}).get(
             "path", recipe.model.path),
         "base_model_id": recipe.model.base_model, "base_model_dir": str(path), "model_type": target.config.model_type,
-        "dataset": d.loader, "eval": {"split": d.eval_split, "examples": sum(len(next(iter(b.values())))
-                                                                           for b in eval_batches or []),
-                                      **({"f1_average": f1_average(e, target)} if "f1" in e.metrics else {})},
+        "dataset": d.loader, "eval": eval_record(recipe, target, eval_batches),
         "pruning": recipe.pruning.to_dict() if hasattr(recipe.pruning, "to_dict") else {},
         "distilled": recipe.distillation is not None,
         "metrics": {"before": metrics_before, "after": metrics_after},
@@ -361,12 +365,6 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
 def _length(batch: dict) -> int:
     """Tokens (or past time steps) per row of a timing batch."""
     return next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[1]
-
-
-def _hub_id(value) -> str | None:
-    from ..core.plan import hub_id
-
-    return hub_id(value)
 
 
 def _version() -> str:
@@ -406,8 +404,7 @@ def save_run(recipe: Recipe, model, tokenizer, results: dict, scores: dict) -> P
     return final
 
 
-# Names that moved to hfprune.pipeline.sweep. They cannot be re-exported here: sweep.py builds on this module, and
-# importing it back would be an import cycle. An old `hfprune.run.sweep` gets told where it went.
+# Moved to hfprune.pipeline.sweep, which builds on this module (a re-export would be an import cycle).
 MOVED_TO_SWEEP = ("sweep", "BUDGET_KEYS")
 
 

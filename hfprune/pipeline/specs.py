@@ -57,6 +57,9 @@ class DataSpec:
         "help": "forecasting from rows: the columns forecast (the model's channels)"})
     covariate_columns: list[str] | None = field(default=None, metadata={
         "help": "forecasting from rows: series known ahead, fed as time features (seq2seq families only)"})
+    freq: str | None = field(default=None, metadata={
+        "help": "forecasting: the sampling frequency, a pandas offset alias (30min, h, D, W, ME); sets the mase "
+                "periodicity. None: the time column's step for rows, unknown for windows from a loader"})
     max_length: int = field(default=128, metadata={"help": "tokeniser truncation length"})
     train_split: str = field(default="train", metadata={"help": "split used for calibration and training"})
     validation_split: str | None = field(default="validation", metadata={"help": "split evaluated during training"})
@@ -81,6 +84,10 @@ class DataSpec:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise ValueError(f"max_eval_samples={self.max_eval_samples} must be >= 1 or null (all)")
+        if self.freq is not None:
+            from ..metrics.seasonality import seasonal_period
+
+            seasonal_period(self.freq)  # a ValueError naming it
         for name in ("text_column", "label_column", "train_split", "eval_split"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name}='' is empty; give a column or split name")
@@ -109,14 +116,16 @@ class EvalSpec:
     latency_batch_size: int = field(default=32, metadata={"help": "batch size of the latency input"})
     latency_seq_len: int = field(default=128, metadata={"help": "tokens per row of the latency input"})
     latency_rounds: int = field(default=7, metadata={"help": "timed rounds (dense and pruned alternate)"})
-    periodicity: int = field(default=1, metadata={"help": "seasonal lag of the mase metric (forecasting)"})
+    periodicity: int | None = field(default=None, metadata={
+        "help": "seasonal lag m of the mase metric (forecasting); None: from the data's frequency (data.freq, or the "
+                "time column's step: hourly 24, half-hourly 48, daily 7, ...), 1 where unknown"})
     f1_average: str | None = field(default=None, metadata={
         "help": f"how the f1 metric averages over classes, one of {F1_AVERAGES}; None: binary (F1 of class 1) for "
                 "a model with two labels, macro for more"})
 
     def __post_init__(self):
         for name in ("batch_size", "latency_batch_size", "latency_seq_len", "latency_rounds", "periodicity"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         bad = [m for m in self.metrics if not isinstance(m, str) or not m.strip()]
         if bad:

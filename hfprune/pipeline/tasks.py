@@ -19,13 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
 from .specs import DataSpec, EvalSpec, ModelSpec
 
 TASKS: dict[str, type[Task]] = {}  # name -> class, in registration order
+logger = logging.getLogger("hfprune")
 
 
 def register_task(cls: type) -> type:
@@ -103,6 +106,10 @@ class Task:
         is the loaded model, for what the data take from it (a forecaster's window lengths) or give it (label
         names into its config); ``None`` where a caller has no model, and then such data are refused."""
         return raw
+
+    def resolve_evaluation(self, raw, data: DataSpec, evaluation: EvalSpec, model=None) -> EvalSpec:
+        """``evaluation`` with what the recipe left to the data filled in (the forecasting task's MASE season)."""
+        return evaluation
 
     def collator(self, tokenizer, model):
         raise NotImplementedError
@@ -313,6 +320,27 @@ class ForecastingTask(Task):
                                 data.covariate_columns, train_split=data.train_split)
         return windows.dataset
 
+    def resolve_evaluation(self, raw, data: DataSpec, evaluation: EvalSpec, model=None) -> EvalSpec:
+        """The mase periodicity, when the recipe leaves it unset: the season of the data's frequency (``data.freq``,
+        else the step of the train split's ``data.time_column``: hourly 24, half-hourly 48, daily 7; see
+        :func:`hfprune.metrics.seasonality.seasonal_period`), 1 when the frequency is unknown or the season does not
+        fit in the model's context. An explicit ``evaluation.periodicity`` wins."""
+        from ..data.forecast_rows import time_step
+        from ..metrics.seasonality import seasonal_period
+
+        if evaluation.periodicity is not None or "mase" not in evaluation.metrics:
+            return evaluation
+        freq = data.freq
+        if freq is None and data.time_column is not None and data.train_split in raw:
+            freq = time_step(raw[data.train_split], data.time_column)
+        period = seasonal_period(freq) if freq else 1
+        context = getattr(getattr(model, "config", None), "context_length", None)
+        if context is not None and period >= context:
+            logger.warning("mase: the season of freq %s (%d steps) does not fit in the model's context_length=%d; "
+                           "scaling by the naive error of the previous step (periodicity 1)", freq, period, context)
+            period = 1
+        return replace(evaluation, periodicity=period)
+
     def collator(self, tokenizer, model):
         from ..data.timeseries import ForecastCollator
 
@@ -320,7 +348,7 @@ class ForecastingTask(Task):
 
     def check_evaluation(self, model, evaluation: EvalSpec) -> None:
         context = getattr(model.config, "context_length", None)
-        if "mase" in evaluation.metrics and context is not None and evaluation.periodicity >= context:
+        if "mase" in evaluation.metrics and context is not None and (evaluation.periodicity or 1) >= context:
             raise ValueError(f"evaluation.periodicity={evaluation.periodicity} must be below the model's "
                              f"context_length={context}: MASE scales by the seasonal-naive error within the context")
 
@@ -345,7 +373,7 @@ class ForecastingTask(Task):
     def metric_inputs(self, name: str, seen: dict, evaluation: EvalSpec) -> dict:
         if name == "mase":
             return {**super().metric_inputs(name, seen, evaluation), "training": seen["training"],
-                    "periodicity": evaluation.periodicity}
+                    "periodicity": evaluation.periodicity or 1}
         return super().metric_inputs(name, seen, evaluation)
 
     def latency_input(self, model, eval_batches: list, evaluation: EvalSpec, seed: int) -> dict | None:
