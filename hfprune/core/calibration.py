@@ -119,9 +119,14 @@ def watch_output_projections(model, make_hook) -> list:
 def watched_pass(model, batches, make_hook, what: str, current: dict | None = None) -> None:
     """One no-grad pass over ``batches`` with :func:`watch_output_projections` hooks, removed afterwards even on
     error; ``current["batch"]`` holds the batch being run, for hooks that need its attention mask."""
+    hooked_pass(model, batches, watch_output_projections(model, make_hook), what, current)
+
+
+def hooked_pass(model, batches, handles: list, what: str, current: dict | None = None) -> None:
+    """One no-grad pass over ``batches`` with the hooks behind ``handles`` in place, removed afterwards even on
+    error; ``current["batch"]`` holds the batch being run (on the model's device)."""
     device = next(model.parameters()).device
     current = {} if current is None else current
-    handles = watch_output_projections(model, make_hook)
     try:
         with torch.no_grad():
             for batch in iterate(batches, what):

@@ -71,10 +71,9 @@ def routed_pass(model: nn.Module, batches, on_route, what: str) -> None:
     routing of the non-padding tokens: ``x`` (tokens, hidden) the router's input, ``weights`` / ``index``
     (tokens, top-k) its choice. ``block`` is the layer's ``experts`` :class:`~hfprune.core.blocks.Block`."""
     from .blocks import iter_blocks
-    from .calibration import iterate, to_device
+    from .calibration import hooked_pass
     from .structure import get_module
 
-    device = next(model.parameters()).device
     current: dict = {}
     handles = []
 
@@ -92,14 +91,7 @@ def routed_pass(model: nn.Module, batches, on_route, what: str) -> None:
 
     for block in iter_blocks(model, kind="experts"):
         handles.append(get_module(block.layer, block.spec.router).register_forward_hook(make_hook(block)))
-    try:
-        with torch.no_grad():
-            for batch in iterate(batches, what):
-                current["batch"] = to_device(batch, device)
-                model(**current["batch"])
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked_pass(model, batches, handles, what, current)
 
 
 def expert_outputs(block, x: torch.Tensor, expert: int) -> tuple:
