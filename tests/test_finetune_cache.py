@@ -139,3 +139,13 @@ def test_model_digest_reads_contents_not_names_of_the_folder(folder):
     config = json.loads((folder / "model" / "config.json").read_text())
     (folder / "model" / "config.json").write_text(json.dumps({**config, "hidden_dropout_prob": 0.0}))
     assert run.model_digest(folder / "model") != before
+
+
+def test_a_cache_folder_hfprune_did_not_write_is_refused_not_replaced(folder, trains):
+    first = run.resolve_model_path(write_recipe(folder))
+    shutil.rmtree(first)  # the key's folder now holds something else: a user's file, no finetune.json
+    first.mkdir()
+    (first / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not an hfprune fine-tune"):
+        run.resolve_model_path(write_recipe(folder))
+    assert len(trains) == 1 and (first / "notes.txt").read_text() == "mine"  # refused before training, kept

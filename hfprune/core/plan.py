@@ -218,6 +218,21 @@ class PrunePlan:
                             f"(0..{size - 1})")
 
 
+def intersect_plans(plan: PrunePlan, before: PrunePlan) -> PrunePlan:
+    """``plan`` minus whatever ``before`` already removed (pruning is monotone)."""
+    new, old = plan.to_dict(), before.to_dict()
+    for stack, layers in new.items():
+        if stack == "model_type" or not isinstance(layers, list):
+            continue
+        for entry, prev in zip(layers, old.get(stack) or []):
+            for name in list(entry):
+                if name == "drop" or name not in prev or prev[name] is None:
+                    continue
+                keep = entry[name]
+                entry[name] = sorted(set(prev[name]) if keep is None else set(keep) & set(prev[name]))
+    return PrunePlan.from_dict(new)
+
+
 def hub_id(value) -> str | None:
     """``value`` if it reads as a Hub repo id (``owner/name``), else ``None``: local paths (existing ones too),
     ``asset:`` aliases and ``package.module:function`` specs are not ids a model card may name."""

@@ -198,6 +198,13 @@ def train_data_digest(recipe: Recipe, raw=None) -> str:
     return raw[d.train_split]._fingerprint
 
 
+def _check_not_foreign(target: Path) -> None:
+    """A cache folder without ``finetune.json`` is not a fine-tune hfprune wrote (those move in whole): never
+    replace it."""
+    if target.exists() and not (target / "finetune.json").is_file():
+        raise FileExistsError(f"{target} exists and is not an hfprune fine-tune (no finetune.json): move it away")
+
+
 def finetune(recipe: Recipe, base: Path) -> Path:
     """Fine-tune the dense model with ``finetune.training`` on the train split, cached by what shapes it
     (:func:`finetune_settings`): a second run, or another recipe with the same stage, reuses it; changed data,
@@ -213,6 +220,7 @@ def finetune(recipe: Recipe, base: Path) -> Path:
     if (target / "finetune.json").is_file():
         logger.info("fine-tuned model cached at %s", target)
         return target
+    _check_not_foreign(target)  # before minutes of training
     logger.info("fine-tuning the dense model (cached afterwards at %s)", target)
     tokenizer = load_tokenizer(recipe, base)
     model = load_model(recipe, base)
@@ -228,7 +236,8 @@ def finetune(recipe: Recipe, base: Path) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(out)
         (out / "finetune.json").write_text(json.dumps(settings, indent=2, default=str))
-        shutil.rmtree(target, ignore_errors=True)
+        _check_not_foreign(target)
+        shutil.rmtree(target, ignore_errors=True)  # a fine-tune of ours for the same key, written meanwhile
         os.replace(out, target)
     return target
 

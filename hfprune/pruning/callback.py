@@ -39,7 +39,7 @@ from ..core.blocks import get_block
 from ..core.calibration import calibration_batches, check_batches, token_rows, watch_output_projections
 from ..core.distributed import broadcast_from_first, mean_across_ranks
 from ..core.masking import Masks
-from ..core.plan import PlanError, PrunePlan
+from ..core.plan import PlanError, PrunePlan, intersect_plans
 from ..core.sharded import check_training, compact_sharded, fill_slices_, is_sharded
 from .config import PruningConfig, require_config
 from .importance.base import ACTIVATIONS, GATE_GRADIENTS, GRADIENTS, WEIGHTS
@@ -279,7 +279,7 @@ class PruningCallback(TrainerCallback):
 
         cfg = budget_at(self.config, fraction)
         kwargs = {"latency": self._latency} if self._latency is not None else {}
-        plan = _intersect(plan_from_scores(self.model, scores, cfg, **kwargs), before)
+        plan = intersect_plans(plan_from_scores(self.model, scores, cfg, **kwargs), before)
         self.masks.set_plan(plan)
         broadcast_from_first(self.masks.gates.values())  # belt and braces: every rank applies rank 0's plan
         self._scores, self._score_steps = {}, 0
@@ -419,21 +419,6 @@ def put_first(trainer, callback: PruningCallback) -> None:
 
 def _key_str(key: tuple) -> str:
     return "/".join(str(k) for k in key)
-
-
-def _intersect(plan: PrunePlan, before: PrunePlan) -> PrunePlan:
-    """``plan`` minus whatever ``before`` already removed (pruning is monotone)."""
-    new, old = plan.to_dict(), before.to_dict()
-    for stack, layers in new.items():
-        if stack == "model_type" or not isinstance(layers, list):
-            continue
-        for entry, prev in zip(layers, old.get(stack) or []):
-            for name in list(entry):
-                if name == "drop" or name not in prev or prev[name] is None:
-                    continue
-                keep = entry[name]
-                entry[name] = sorted(set(prev[name]) if keep is None else set(keep) & set(prev[name]))
-    return PrunePlan.from_dict(new)
 
 
 def _write_json(path: str, data: dict) -> None:
