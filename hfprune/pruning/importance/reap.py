@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from ...core.apply import unwrap
 from ...core.calibration import reduce_across_processes
 from ...core.experts import expert_outputs, routed_pass
-from .base import ACTIVATIONS, Importance, register_importance, require_data
-from .routing_frequency import expert_blocks
+from .base import ACTIVATIONS, Importance, register_importance
+from .routing_frequency import expert_scoring
 
 
 @register_importance
@@ -27,10 +26,7 @@ class ReapImportance(Importance):
     experts_only = True
 
     def score(self, model, batches=None) -> dict:
-        require_data(self.name, batches)
-        model = unwrap(model)
-        blocks = expert_blocks(model)
-        device = next(model.parameters()).device
+        model, blocks, device = expert_scoring(self.name, model, batches)
         sums, counts, neurons = {}, {}, {}
         for b in blocks:
             sums[b.key] = torch.zeros(b.units, device=device)

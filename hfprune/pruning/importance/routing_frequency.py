@@ -15,13 +15,16 @@ from ...core.experts import routed_pass
 from .base import ACTIVATIONS, Importance, register_importance, require_data
 
 
-def expert_blocks(model) -> list:
-    """The ``experts`` blocks of ``model``, or a ``ValueError`` for a model without routed experts."""
+def expert_scoring(name: str, model, batches) -> tuple:
+    """``(model, blocks, device)`` for an expert criterion: the unwrapped model, its ``experts`` blocks and its
+    device; a ``ValueError`` without calibration data or without routed experts, before any pass runs."""
+    require_data(name, batches)
+    model = unwrap(model)
     blocks = list(iter_blocks(model, kind="experts"))
     if not blocks:
         raise ValueError(f"this {model.config.model_type} model has no routed experts to score; the expert criteria "
                          "(reap, frequency) need a mixture-of-experts model")
-    return blocks
+    return model, blocks, next(model.parameters()).device
 
 
 @register_importance
@@ -31,10 +34,7 @@ class RoutingFrequency(Importance):
     experts_only = True
 
     def score(self, model, batches=None) -> dict:
-        require_data(self.name, batches)
-        model = unwrap(model)
-        blocks = expert_blocks(model)
-        device = next(model.parameters()).device
+        model, blocks, device = expert_scoring(self.name, model, batches)
         counts = {b.key: torch.zeros(b.units, device=device) for b in blocks}
         tokens = {b.key: torch.zeros((), device=device) for b in blocks}
 
