@@ -20,7 +20,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 import hfprune
 from hfprune.core.checkpoint.classes import HfprunedModel
-from hfprune.core.checkpoint.save import MODELING_FILE, PLAN_FILE
+from hfprune.core.checkpoint.save import CODE_FILES, MODELING_FILE, PLAN_FILE
 
 from .hub_server import serving
 from .test_cli import make_tiny_model
@@ -29,7 +29,7 @@ from .test_cli import make_tiny_model
 HETERO = {"layers": [{"heads": [0, 1], "ffn": list(range(20))}, {"heads": [3], "ffn": [1, 2, 5, 30]}]}
 UNIFORM = {"layers": [{"ffn": list(range(19))}, {"ffn": list(range(10, 29))}]}
 TEXTS = ["good w1 w2", "bad w3", "w4 w5 good bad w6 w7"]
-CHECKPOINT = {"config.json", "model.safetensors", PLAN_FILE, MODELING_FILE}
+CHECKPOINT = {"config.json", "model.safetensors", PLAN_FILE, *CODE_FILES}
 NOT_SUPPORTED = "is not supported for"
 
 

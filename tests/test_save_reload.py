@@ -435,12 +435,17 @@ def test_heterogeneous_checkpoint_reloads_without_hfprune(reloaded, model_type):
 
 def test_modeling_file_imports_only_torch_and_transformers(reloaded):
     job, _ = _result(reloaded, "hetero-llama")
-    source = (job.directory / save_module.MODELING_FILE).read_text()
-    tree = ast.parse(source)
-    imports = sorted({a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-                     | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)})
-    # safetensors is a dependency transformers itself requires, so it is present wherever transformers is
-    assert imports and set(imports) - set(sys.stdlib_module_names) <= {"torch", "transformers", "safetensors"}, imports
+    siblings = {name[:-3] for name in save_module.CODE_FILES}
+    for name in save_module.CODE_FILES:  # the modeling file and the engine files it imports
+        tree = ast.parse((job.directory / name).read_text())
+        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        relative = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level}
+        imports = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imports |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and not n.level}
+        # safetensors is a dependency transformers itself requires, so it is present wherever transformers is
+        assert imports and imports - set(sys.stdlib_module_names) <= {"torch", "transformers", "safetensors"}, imports
+        assert relative <= siblings - {name[:-3]}, (name, relative)
+    assert "from .modeling_hfprune_slicing import" in (job.directory / save_module.MODELING_FILE).read_text()
 
 
 @pytest.mark.parametrize("model_type", sorted(CASES))
@@ -449,8 +454,8 @@ def test_reloaded_checkpoint_saves_again(reloaded, model_type):
     assert res["ok"], res.get("traceback")
     assert res["resaved_class"] == res["class"]
     resaved = reloaded["root"] / "resaved" / job.name
-    modeling = save_module.MODELING_FILE
-    assert (resaved / modeling).read_bytes() == (job.directory / modeling).read_bytes()
+    for code in save_module.CODE_FILES:  # transformers copies the modeling file and what it imports relatively
+        assert (resaved / code).read_bytes() == (job.directory / code).read_bytes(), code
     config, original = (json.loads((d / "config.json").read_text()) for d in (resaved, job.directory))
     assert config["hfprune"] == original["hfprune"] and config["auto_map"] == original["auto_map"]
     assert config["architectures"] == original["architectures"] == [job.info["class"]]

@@ -3,6 +3,7 @@ the new one, whole (``hfprune.core.checkpoint.transaction``)."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import multiprocessing
@@ -19,7 +20,7 @@ import transformers as T
 
 import hfprune
 from hfprune.core.checkpoint import transaction
-from hfprune.core.checkpoint.save import MODELING_FILE
+from hfprune.core.checkpoint.save import CODE_FILES, MODELING_FILE
 from hfprune.pipeline.hub import _files as pushed_files
 
 REMOTE = {"layers": [{"heads": [0, 3], "ffn": list(range(10))}, {}]}  # per-layer: saved with remote code
@@ -40,6 +41,7 @@ USER_FILES = {
     ".git/HEAD": b"ref: refs/heads/main\n",
     "mymodel-00001-of-00002.safetensors": b"not ours: another prefix",
     "model_card_notes.txt": b"not ours: no shard pattern",
+    "structure_specs.py": b"# a user's module named like one of hfprune's engine files (saved under other names)\n",
 }
 
 
@@ -168,7 +170,7 @@ def test_resharding_removes_exactly_the_stale_weights(tmp_path, first, second):
     new.save_pretrained(target, **kwargs)
     assert state(target) == expected
     removed = old_files - set(expected)
-    assert removed and all(n.startswith("model") or n == MODELING_FILE for n in removed), removed
+    assert removed and all(n.startswith("model") or n in CODE_FILES for n in removed), removed
     assert any("-of-" in n or n.endswith(".index.json") or n == "model.safetensors" for n in removed)
     same_outputs(target, new)  # with a stale single file left beside new shards, the old weights would load
 
@@ -498,3 +500,26 @@ def test_kill_9_at_any_moment_leaves_the_old_or_the_new_checkpoint(tmp_path):
     # the kills hit every phase: writing (rolled back), moving (rolled forward)
     assert any(o[0] == "old" and o[1] and o[2] for o in outcomes), outcomes
     assert any(o[0] == "new" and o[1] and o[3] for o in outcomes), outcomes
+
+
+def test_remote_code_is_the_engine_files_under_their_checkpoint_names(tmp_path):
+    """The modeling code is several files; in a checkpoint each carries the modeling file's prefix and imports only
+    torch, transformers and its prefixed siblings, so nothing resolves to a user's module or to hfprune."""
+    target = tmp_path / "out"
+    target.mkdir()
+    write_user_files(target)
+    tiny_bert(REMOTE).save_pretrained(target)
+    written = sorted(p.name for p in target.glob("*.py"))
+    assert written == sorted(CODE_FILES + ("structure_specs.py",)), written
+    assert (target / "structure_specs.py").read_bytes() == USER_FILES["structure_specs.py"]
+    for name in CODE_FILES:
+        tree = ast.parse((target / name).read_text())
+        nodes = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        relative = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level}
+        absolute = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        absolute |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and not n.level}
+        assert relative <= {n[:-3] for n in CODE_FILES} - {name[:-3]}, (name, relative)
+        if name == MODELING_FILE:
+            assert relative == {n[:-3] for n in CODE_FILES} - {name[:-3]}, relative
+        assert absolute <= {"__future__", "inspect", "json", "math", "os", "dataclasses", "torch", "transformers",
+                            "safetensors"}, (name, absolute)

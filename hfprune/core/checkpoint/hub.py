@@ -32,7 +32,8 @@ def push_saved(model: nn.Module, txn: Transaction, *, repo_id: str, private: boo
     The commit also carries the model card transformers would write (the repo's card, or its default one, tagged
     with ``model.model_tags`` and ``tags``; the folder's own README.md is neither read nor written) and removes the
     repo's files this checkpoint supersedes: weight files of the other layout (a stale ``model.safetensors`` would
-    shadow new shards at load) and a ``modeling_hfprune.py`` no longer referenced when the checkpoint is plain.
+    shadow new shards at load) and the ``modeling_hfprune.py`` (with its engine files) no longer referenced when the
+    checkpoint is plain.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from transformers.utils.hub import create_and_tag_model_card
@@ -64,6 +65,6 @@ def superseded_on_hub(existing, files: list, weights: tuple | None) -> list:
     top = {n for n in existing if "/" not in n}
     new = {f for f in files if "/" not in f}
     stale = stale_weight_names(top, weights, new) if weights else []
-    if structure.MODELING_FILE in top and structure.MODELING_FILE not in new:
-        stale.append(structure.MODELING_FILE)
+    if structure.MODELING_FILE in top and structure.MODELING_FILE not in new:  # remote code gone: its engine too
+        stale += [n for n in (structure.MODELING_FILE, *structure.ENGINE_FILES.values()) if n in top and n not in new]
     return stale

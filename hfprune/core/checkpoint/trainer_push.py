@@ -27,12 +27,12 @@ import shutil
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..structure import MODELING_FILE, PLAN_FILE
+from ..structure import ENGINE_FILES, MODELING_FILE, PLAN_FILE
 
 logger = logging.getLogger("hfprune")
 
 # what a pruned model's save adds to transformers' files, and transformers' push from a checkpoint leaves behind
-PRUNED_FILES = (PLAN_FILE, MODELING_FILE)
+PRUNED_FILES = (PLAN_FILE, MODELING_FILE, *ENGINE_FILES.values())
 
 
 class PrunedPushCallback(TrainerCallback):
