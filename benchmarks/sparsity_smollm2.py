@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from sparsity_common import bbc_blocks, block_sparsity, machine  # noqa: E402
+from sparsity_common import bbc_blocks, block_sparsity, fingerprint, machine  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import hfprune  # noqa: E402
@@ -43,6 +43,12 @@ def main(argv=None) -> None:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--calibration-blocks", type=int, default=32)
     p.add_argument("--test-blocks", type=int, default=48)
+    p.add_argument("--calibration-block-size", type=int, default=None,
+                   help="tokens per calibration block (default: --block-size; the BBC calibration split holds "
+                        "50,901 tokens: 198 blocks of 256, 99 of 512, 24 of 2048)")
+    p.add_argument("--damp", type=float, default=0.01, help="sparsegpt damping, relative to the mean diagonal")
+    p.add_argument("--gpt-block", type=int, default=128, help="sparsegpt columns per block")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (perplexity does not depend on them)")
     p.add_argument("--criteria", default="magnitude,wanda,sparsegpt")
     p.add_argument("--patterns", default="unstructured,2:4")
     p.add_argument("--extra", default="wanda:owl:0.7,wanda:uniform:0.7",
@@ -57,24 +63,33 @@ def main(argv=None) -> None:
                    help="JSON list of rows measured earlier on the same blocks (e.g. by a run stopped half-way): "
                         "kept, and their runs (and a dense row's evaluation) skipped")
     p.add_argument("--render-only", action="store_true",
-                   help="only write the markdown from the saved JSON (OUT with .json) and the peer's JSON")
+                   help="only write the markdown from the saved JSON (OUT with .json; an optional \"note\" in it "
+                        "is printed under the tables) and the peer's JSON (if measured on the same blocks)")
     args = p.parse_args(argv)
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()  # the seconds are wall time on a shared machine: the load says how shared
     if args.render_only:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
-        peer = json.loads(PEER.read_text()) if PEER.is_file() else None
+        peer = same_blocks_peer(saved.get("blocks"))
         rows = saved["rows"] + (peer["rows"] if peer else [])
         text = render(args, rows, saved["tokens"], saved["disk"], peer, saved.get("seconds", 0), saved.get("argv"),
-                      saved.get("machine"))
+                      saved.get("machine"), saved.get("load_at_start"), saved.get("note"))
         Path(args.out).write_text(text)
         print(text)
         return
     directory = Path(args.model) if args.model else smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     dense = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    calibration, test = bbc_blocks(tokenizer, args.block_size, args.calibration_blocks, args.test_blocks)
+    calibration, test = bbc_blocks(tokenizer, args.block_size, args.calibration_blocks, args.test_blocks,
+                                   calibration_block_size=args.calibration_block_size)
+    blocks = fingerprint(calibration, test)
     rows = json.loads(Path(args.rows_from).read_text()) if args.rows_from else []
-    rows = rows["rows"] if isinstance(rows, dict) else rows  # this script's own JSON, or a list of rows
+    if isinstance(rows, dict):  # this script's own JSON: its rows count only if measured on the same blocks
+        if rows.get("blocks") != blocks:
+            raise ValueError(f"--rows-from {args.rows_from}: its rows were measured on blocks {rows.get('blocks')}, "
+                             f"this run's are {blocks} (other calibration or test arguments)")
+        rows = rows["rows"]
     done = {(r["pattern"], r["criterion"]) for r in rows}
     if ("dense", "-") not in done:
         ppl = perplexity(dense, test)["perplexity"]
@@ -88,48 +103,65 @@ def main(argv=None) -> None:
     for criterion, ratios, pattern, sparsity in runs:
         label = ("50% unstructured" if pattern == "unstructured" and sparsity is None else
                  f"{sparsity:.0%} unstructured, {ratios}" if sparsity is not None else pattern)
-        if (label, f"hfprune {criterion}") in done:
+        name = f"hfprune {criterion}"
+        if criterion == "sparsegpt" and (args.damp, args.gpt_block) != (0.01, 128):
+            name += f" (damp {args.damp:g}, block {args.gpt_block})"
+        if (label, name) in done:
             continue
         model = copy.deepcopy(dense)
-        config = SparsityConfig(criterion=criterion, pattern=pattern, ratios=ratios,
+        config = SparsityConfig(criterion=criterion, pattern=pattern, ratios=ratios, damp=args.damp,
+                                block_size=args.gpt_block,
                                 sparsity=sparsity if sparsity is not None else (None if ":" in pattern else 0.5))
         result = hfprune.sparsify(model, calibration, config)
         ppl = perplexity(model, test)["perplexity"]
-        rows.append({"pattern": label, "criterion": f"hfprune {criterion}", "ppl": ppl, "seconds": result.seconds,
+        rows.append({"pattern": label, "criterion": name, "ppl": ppl, "seconds": result.seconds,
                      "sparsity": block_sparsity(model)})
         print(rows[-1], flush=True)
         if pattern == "2:4" and disk is None:  # sizes depend only on the nonzero count: the same for any 2:4 model
             disk = disk_sizes(dense, model, test[0])
             disk["model"] = f"{criterion} 2:4"
         del model
-        save_rows(args, rows, disk, tokens, started)
+        save_rows(args, rows, disk, tokens, started, blocks, load)
     if disk is None:  # sizes depend only on the pattern's nonzero count: any 2:4 model has the sparsegpt one's
         model = copy.deepcopy(dense)
         hfprune.sparsify(model, None, SparsityConfig(criterion="magnitude", pattern="2:4"))
         disk = disk_sizes(dense, model, test[0])
         disk["model"] = "magnitude 2:4"
         del model
-    save_rows(args, rows, disk, tokens, started)
+    save_rows(args, rows, disk, tokens, started, blocks, load)
     del dense
     if args.peer_python and Path(args.peer_python).is_file() and args.peer_runs:
         cmd = [args.peer_python, str(PEER.parent.parent / "sparsity_llmcompressor.py"), "--block-size",
                str(args.block_size), "--calibration-blocks", str(args.calibration_blocks), "--test-blocks",
-               str(args.test_blocks), "--runs", args.peer_runs] + (["--model", args.model] if args.model else [])
+               str(args.test_blocks), "--runs", args.peer_runs, "--threads", str(args.threads)]
+        cmd += ["--model", args.model] if args.model else []
+        cmd += ["--calibration-block-size", str(args.calibration_block_size)] if args.calibration_block_size else []
         try:
             subprocess.run(cmd, check=False, timeout=60 * args.peer_minutes)
         except subprocess.TimeoutExpired:
             print("llm-compressor run stopped at the time limit; its finished rows are kept", flush=True)
-    peer = json.loads(PEER.read_text()) if PEER.is_file() else None
+    peer = same_blocks_peer(blocks)
     if peer:
         rows += peer["rows"]
-    text = render(args, rows, tokens, disk, peer, time.perf_counter() - started)
+    text = render(args, rows, tokens, disk, peer, time.perf_counter() - started, load=load)
     Path(args.out).write_text(text)
     print(text)
 
 
-def save_rows(args, rows: list, disk, tokens: int, started: float) -> None:
+def same_blocks_peer(blocks: str | None):
+    """llm-compressor's saved rows, if they were measured on the same calibration and test blocks."""
+    if not PEER.is_file():
+        return None
+    peer = json.loads(PEER.read_text())
+    if peer.get("blocks") != blocks:
+        print(f"{PEER} left out: measured on blocks {peer.get('blocks')}, these are {blocks}", flush=True)
+        return None
+    return peer
+
+
+def save_rows(args, rows: list, disk, tokens: int, started: float, blocks: str, load: tuple) -> None:
     data = {"rows": rows, "disk": disk, "tokens": tokens, "seconds": time.perf_counter() - started,
-            "argv": sys.argv[1:], "machine": machine()}
+            "argv": sys.argv[1:], "machine": machine(), "blocks": blocks, "load_at_start": load}
     Path(args.out).with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
 
 
@@ -154,17 +186,19 @@ def disk_sizes(dense, model, batch: dict) -> dict:
     return out
 
 
-def render(args, rows, tokens, disk, peer, seconds, argv=None, where=None) -> str:
+def render(args, rows, tokens, disk, peer, seconds, argv=None, where=None, load=None, note=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     dense = rows[0]["ppl"]
     lines = [
         "# Weight sparsity on SmolLM2-135M (BBC News)",
         "",
         f"`{' '.join(['python benchmarks/sparsity_smollm2.py', *argv])}` ({seconds / 60:.0f} min). "
-        f"Machine: {where or machine()}.",
+        f"Machine: {where or machine()}; load average at start {_load(load)} (seconds are wall time under that "
+        "load; perplexities do not depend on it).",
         "",
         f"SmolLM2-135M-Instruct (offline asset, float32); decoder-layer projections sparsified, embeddings and LM "
-        f"head dense; retraining-free. Calibration: {args.calibration_blocks} blocks x {args.block_size} tokens of "
+        f"head dense; retraining-free. Calibration: {args.calibration_blocks} blocks x "
+        f"{args.calibration_block_size or args.block_size} tokens of "
         f"the BBC calibration split; test perplexity on {tokens} predicted tokens ({args.test_blocks} blocks) of "
         "the test split. Sparsity: zeros over the decoder layers' Linear weights.",
         "",
@@ -176,8 +210,10 @@ def render(args, rows, tokens, disk, peer, seconds, argv=None, where=None) -> st
         lines.append(f"| {r['pattern']} | {r['criterion']} | {r['ppl']:.3f} | {r['ppl'] / dense - 1:+.1%} | "
                      f"{r['sparsity']:.3f} | {secs} |")
     if peer:
-        lines += ["", f"llm-compressor {peer['llmcompressor']} rows from `benchmarks/sparsity_llmcompressor.py` "
-                      f"(its own venv, transformers pinned by it; {peer['machine']})."]
+        lines += ["", f"llm-compressor {peer['llmcompressor']} rows from `benchmarks/sparsity_llmcompressor.py "
+                      f"{' '.join(peer.get('argv', []))}` (its own venv, transformers pinned by it; same calibration "
+                      f"and test blocks, fingerprint {peer.get('blocks')}; {peer['machine']}; load average at start "
+                      f"{_load(peer.get('load_at_start'))})."]
     if disk:
         mb = 1 / 2**20
         lines += ["", f"On-disk size of the {disk.get('model', 'sparsegpt 2:4')} model (all safetensors files; the "
@@ -188,7 +224,13 @@ def render(args, rows, tokens, disk, peer, seconds, argv=None, where=None) -> st
                   f"{disk['plain'] / disk['dense']:.2f} | {disk['plain_diff']:.1e} |",
                   f"| compact: bit mask + kept values (`hfprune.from_pretrained`) | {disk['compact'] * mb:.1f} | "
                   f"{disk['compact'] / disk['dense']:.2f} | {disk['compact_diff']:.1e} |"]
+    if note:  # a "note" in the JSON: how rows merged from several runs (on the same blocks) were measured
+        lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def _load(load) -> str:
+    return "unknown" if not load else "/".join(f"{x:.1f}" for x in load)
 
 
 if __name__ == "__main__":

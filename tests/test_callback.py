@@ -6,6 +6,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainerCal
 
 from hfprune import PruningConfig
 from hfprune.core.cost import estimate
+from hfprune.pruning.activation_watch import ActivationWatch
 from hfprune.pruning.callback import STATE_FILE, PruningCallback
 from hfprune.pruning.schedule import ScheduleConfig
 
@@ -152,23 +153,22 @@ def test_activation_scores_from_training_leave_out_padding(positional):
     model = tiny_bert(0).train()
     callback = PruningCallback(PruningConfig(criterion="activation", macs_ratio=BUDGET),
                                ScheduleConfig(kind="oneshot", start_step=2))
-    callback.model = model
     inputs = batch()
     assert (inputs["attention_mask"] == 0).any()
     seen = []
     out_proj = model.bert.encoder.layer[1].attention.output.dense
     handle = out_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    callback._watch_activations()
+    watch = ActivationWatch(model, callback.criterion).attach()  # what the callback attaches for 'activation'
     if positional:
         model(inputs["input_ids"], inputs["attention_mask"])
     else:
         model(**inputs)
-    callback._unwatch_activations()
+    watch.remove()
     handle.remove()
     tokens = seen[0][inputs["attention_mask"].bool()]  # (non-padding tokens, hidden)
     heads = model.config.num_attention_heads
     expected = tokens.reshape(len(tokens), heads, -1).norm(dim=-1).sum(0)
-    torch.testing.assert_close(callback._act_buffer[("layers", 1, "heads")], expected)
+    torch.testing.assert_close(watch.buffer[("layers", 1, "heads")], expected)
     assert not model._forward_pre_hooks and not model._forward_hooks  # unwatching removes the batch hooks too
 
 

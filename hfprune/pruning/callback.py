@@ -19,11 +19,14 @@ steps.
 Layers are never dropped during training (a dropped layer's parameters would get no gradient and DDP would
 need ``find_unused_parameters``); a layer may lose all its heads and neurons, which compaction turns into
 bias-only blocks.
+
+With ``sparsity=SparsityConfig(...)`` (or a ``SparsityConfig`` as ``config``: weights alone) it also masks single
+weights, through the :class:`~hfprune.pruning.sparsity.callback.SparsityCallback` it drives, and carries those masks
+onto the sliced weights (:mod:`hfprune.pruning.combined`).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
@@ -35,15 +38,17 @@ from transformers.utils import logging
 
 from ..core import cost
 from ..core.apply import apply_plan, as_model
-from ..core.blocks import get_block
-from ..core.calibration import calibration_batches, check_batches, token_rows, watch_output_projections
+from ..core.calibration import calibration_batches, check_batches
 from ..core.distributed import broadcast_from_first, mean_across_ranks
 from ..core.masking import Masks
 from ..core.plan import PlanError, PrunePlan, intersect_plans
 from ..core.sharded import check_training, compact_sharded, fill_slices_, is_sharded
-from .config import PruningConfig, require_config
+from .activation_watch import ActivationWatch
+from .combined import check_before_training, cut_masks, removed_slices, retarget, split_arguments, structure_removed
+from .config import PruningConfig
 from .importance.base import ACTIVATIONS, GATE_GRADIENTS, GRADIENTS, WEIGHTS
 from .schedule import ScheduleConfig, budget_at, fraction_at, prune_steps
+from .sparsity.config import SparsityConfig
 
 logger = logging.get_logger(__name__)
 
@@ -56,24 +61,31 @@ class PruningCallback(TrainerCallback):
     """Prune a model during ``Trainer.train()`` on a schedule, then slice it when training ends.
 
     Args:
-        config: what to prune and the final budget (:class:`~hfprune.PruningConfig`).
+        config: what to prune and the final budget (:class:`~hfprune.PruningConfig`); a
+            :class:`~hfprune.SparsityConfig` prunes single weights only.
         schedule: when (:class:`~hfprune.pruning.schedule.ScheduleConfig`); ``None``: gradual (cubic) over the first
             two thirds of the run.
         calibration: batches to score on at each pruning step (model-ready dicts); ``None``: score from training.
+        sparsity: single-weight sparsity beside the heads and neurons (a ``SparsityConfig``, pattern
+            ``unstructured``), counted among the weights they keep; ``"keep"``: the model's zeros stay zero.
+        sparsity_schedule: when to prune weights; ``None``: ``schedule``. It may not end before ``schedule``.
+        rewind_step: iterative weight pruning: after each round, reset the kept weights to their values at this step.
 
     Logged with the Trainer's logs: ``prune/fraction`` (of the final removal), ``prune/macs_ratio`` and
-    ``prune/params_ratio`` (of the dense model), ``prune/heads``, ``prune/neurons`` (kept). Reporting
-    integrations (TensorBoard, W&B) run before user callbacks; :func:`put_first` moves this one ahead of them.
+    ``prune/params_ratio`` (of the dense model), ``prune/heads``, ``prune/neurons`` (kept), ``prune/sparsity``
+    (of the weights kept). Reporting integrations (TensorBoard, W&B) run before user callbacks; :func:`put_first`
+    moves this one ahead of them.
 
     Example:
 
     ```python
     >>> from transformers import Trainer, TrainingArguments
-    >>> from hfprune import PruningConfig
+    >>> from hfprune import PruningConfig, SparsityConfig
     >>> from hfprune.pruning.callback import PruningCallback
     >>> from hfprune.pruning.schedule import ScheduleConfig
     >>> callback = PruningCallback(PruningConfig(criterion="fisher", macs_ratio=0.5),
     ...                            ScheduleConfig(kind="gradual", start_step=0, end_step=300, every=30))
+    >>> both = PruningCallback(PruningConfig(macs_ratio=0.5), sparsity=SparsityConfig(sparsity=0.5))  # + weights
     >>> # Trainer(model, args, train_dataset=..., callbacks=[callback]).train(); trainer.save_model()
     ```
     """
@@ -81,23 +93,30 @@ class PruningCallback(TrainerCallback):
     # its prune/* metrics are added to the logs in on_log: trainers move it ahead of the reporting integrations
     logs_metrics_first = True
 
-    def __init__(self, config: PruningConfig, schedule: ScheduleConfig | None = None,
-                 calibration: Iterable | None = None):
-        config = require_config(config)
+    def __init__(self, config: PruningConfig | SparsityConfig, schedule: ScheduleConfig | None = None,
+                 calibration: Iterable | None = None, *, sparsity: SparsityConfig | str | None = None,
+                 sparsity_schedule: ScheduleConfig | None = None, rewind_step: int | None = None):
+        config, self.sparse = split_arguments(config, schedule, calibration, sparsity, sparsity_schedule, rewind_step)
+        self.config = config
+        self.schedule = schedule if schedule is not None else ScheduleConfig(kind="gradual")
+        self.masks: Masks | None = None
+        self.model = None
+        self.plan: PrunePlan | None = None
+        self.pruned_model = None  # the sliced model when training ends; under FSDP2 a gathered copy, on rank 0 only
+        self.events_done: list = []
+        self._zero_targets: list = []
+        self._summary: dict = {}
+        if config is None:  # single weights only: self.sparse does it all
+            return
         if getattr(config, "target", "blocks") == "hidden":
             raise ValueError("target='hidden' prunes in one shot (hfprune.prune); PruningCallback masks heads and "
                              "neurons while training")
         calibration = check_batches(None, calibration)  # its type now; its keys when the model is known
-        if schedule is not None and not isinstance(schedule, ScheduleConfig):
-            raise TypeError(f"schedule must be a hfprune.pruning.schedule.ScheduleConfig or None, got "
-                            f"{type(schedule).__name__}")
         if config.bias_compensation or config.resolved_recovery not in ("none", "rearrange"):
             raise ValueError(
                 f"PruningCallback masks units during training, where the model itself recovers; "
                 f"bias_compensation={config.bias_compensation} and recovery={config.recovery!r} are one-shot "
                 "(hfprune.prune) options: use bias_compensation=False and recovery 'auto' or 'none'")
-        self.config = config
-        self.schedule = schedule if schedule is not None else ScheduleConfig(kind="gradual")
         self.calibration = calibration
         # built once for its training-time form and for calibration scoring; no recovery runs here
         self.criterion = config.build_importance(for_recovery=False)
@@ -109,36 +128,30 @@ class PruningCallback(TrainerCallback):
             self.source = self.criterion.training_signal
         else:
             raise ValueError(f"criterion {config.criterion!r} cannot score from training; pass calibration batches")
-        self.masks: Masks | None = None
-        self.model = None
-        self.plan: PrunePlan | None = None
-        self.pruned_model = None  # the sliced model when training ends; under FSDP2 a gathered copy, on rank 0 only
-        self.events_done: list = []
         self._scores: dict = {}
         self._score_steps = 0
-        self._act_buffer: dict = {}
-        self._act_handles: list = []
-        self._zero_targets: list = []
+        self._activations: ActivationWatch | None = None
         self._resolved: ScheduleConfig | None = None
         self._pending_state: dict | None = None
         self._dense = None
         self._latency = None
-        self._summary: dict = {}
 
     # -- public helpers ------------------------------------------------------------------------
 
     def load_state(self, checkpoint_dir) -> None:
         """Resume from the pruning state in ``checkpoint_dir`` (found automatically when the checkpoint is in
-        the run's ``output_dir``)."""
-        path = os.path.join(checkpoint_dir, STATE_FILE)
-        with open(path, encoding="utf-8") as f:
-            self._pending_state = json.load(f)
+        the run's ``output_dir``), and the weight masks' state with it."""
+        if self.sparse is not None:
+            self.sparse.load_state(checkpoint_dir)
+        if self.config is not None:
+            with open(os.path.join(checkpoint_dir, STATE_FILE), encoding="utf-8") as f:
+                self._pending_state = json.load(f)
 
     def state_dict(self) -> dict:
         """The JSON-able state that checkpoints carry: schedule position, plan, and accumulated scores."""
         return {
             "format": STATE_FORMAT,
-            "config": self.config.to_dict(),
+            "config": self.config.to_dict() if self.config is not None else None,
             "schedule": self._resolved.to_dict() if self._resolved else self.schedule.to_dict(),
             "events_done": list(self.events_done),
             "plan": self.masks.to_plan().to_dict() if self.masks is not None else None,
@@ -149,6 +162,17 @@ class PruningCallback(TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.sparse is not None:  # its checks first, while nothing has changed
+            check_before_training(self.schedule if self.config else None, self.sparse, model, args, state.max_steps)
+        if self.config is not None:
+            self._begin(args, state, model)
+            if self.sparse is not None:  # the weights of masked heads and neurons are left out of its ranking
+                self.sparse.structure = lambda: structure_removed(self.sparse.targets, self._zero_targets)
+        if self.sparse is not None:
+            self.sparse.on_train_begin(args, state, control, model=model, **kwargs)
+        return control
+
+    def _begin(self, args, state, model) -> None:
         target = as_model(model)
         self.calibration = check_batches(target, self.calibration)
         self.calibration = calibration_batches(self.calibration, self.config.calibration_batch_size)
@@ -185,7 +209,7 @@ class PruningCallback(TrainerCallback):
                 gate.requires_grad_(True)
         self.masks.attach()
         if self.source == ACTIVATIONS:
-            self._watch_activations()
+            self._activations = ActivationWatch(self.model, self.criterion).attach()
         due = [t for t in steps if t <= state.global_step and t not in self.events_done]
         if due:  # pruning at step 0 (or steps missed before a resume without state)
             if self.source in (GATE_GRADIENTS, ACTIVATIONS):
@@ -194,10 +218,11 @@ class PruningCallback(TrainerCallback):
                                  "the schedule later, or use 'magnitude'")
             self._prune(due[-1], extra_done=due[:-1])
         self._refresh()
-        return control
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        if self.source != GATE_GRADIENTS or self.masks is None:
+        if self.sparse is not None:  # masked weights' gradients to zero, after accumulation and DDP's all-reduce
+            self.sparse.on_pre_optimizer_step(args, state, control)
+        if self.masks is None or self.source != GATE_GRADIENTS:
             return control
         gates = list(self.masks.gates.values())
         grads = torch.cat([g.grad.detach().float().flatten() if g.grad is not None else torch.zeros_like(g).flatten()
@@ -213,28 +238,46 @@ class PruningCallback(TrainerCallback):
         self._accumulate(self.criterion.gate_terms(grads))
         return control
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.sparse is not None:
+            self.sparse.on_optimizer_step(args, state, control)
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.masks is None:
-            return control
-        if self.source == ACTIVATIONS:
-            self._flush_activations()
-        self._zero_masked_weights()
         step = state.global_step
-        if step in prune_steps(self._resolved) and step not in self.events_done:
-            self._prune(step)
-            self._refresh()
-            control.should_log = True
+        if self.masks is not None:
+            flat = self._activations.flush(self.masks.gates) if self._activations is not None else None
+            if flat is not None:
+                self._accumulate(flat)
+            self._zero_masked_weights()
+            if step in prune_steps(self._resolved) and step not in self.events_done:
+                self._prune(step)
+                self._refresh()
+                control.should_log = True
+        if self.sparse is not None and self.sparse.targets:  # after the structure: it ranks what the structure keeps
+            self.sparse.on_step_end(args, state, control)
+            if step in self.sparse.events_done:
+                control.should_log = True
+                if self.masks is not None:  # a rewind restores the weights of masked heads and neurons too
+                    self._zero_masked_weights()
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.masks is None or logs is None or not any(k in logs for k in ("loss", "train_loss")):
+        if logs is None or not any(k in logs for k in ("loss", "train_loss")):
             return control
-        logs.update(self._summary)
+        summary = dict(self._summary if self.masks is not None else {})
+        if self.sparse is not None and self.sparse.targets:
+            summary["prune/sparsity"] = round(self.sparse.sparsity, 6)
+        if not summary:
+            return control
+        logs.update(summary)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self._summary)
+            state.log_history[-1].update(summary)
         return control
 
     def on_save(self, args, state, control, **kwargs):
+        if self.sparse is not None:
+            self.sparse.on_save(args, state, control)
         if self.masks is None or not state.is_world_process_zero:
             return control
         directory = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -243,24 +286,34 @@ class PruningCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.masks is None:
-            return control
+        if self.sparse is not None:
+            self.sparse.load_best(args, state)
+        if self.masks is not None:
+            self._slice(args, state, model)
+        if self.sparse is not None:
+            self.sparse.finish()
+        return control
+
+    def _slice(self, args, state, model) -> None:
         plan = self.masks.to_plan()
         if args.load_best_model_at_end and state.best_model_checkpoint:
             path = os.path.join(state.best_model_checkpoint, STATE_FILE)
             if os.path.isfile(path):  # the weights are the best checkpoint's: so must the plan be
                 with open(path, encoding="utf-8") as f:
                     plan = PrunePlan.from_dict(json.load(f)["plan"])
-        self._unwatch_activations()
+        if self._activations is not None:
+            self._activations.remove()
         self.masks.remove()
         for gate in self.masks.gates.values():
             gate.requires_grad_(False)
         self.plan = plan
         target = model if model is not None else self.model
+        cut = cut_masks(self.sparse, self.model, plan) if self.sparse is not None else None
         # FSDP2: the shards cannot be sliced in place; rank 0 slices a gathered copy that trainer.save_model() saves
         self.pruned_model = compact_sharded(target, plan) if is_sharded(target) else apply_plan(target, plan)
+        if cut is not None:  # the weight masks go with the sliced weights (FSDP2 was refused before training)
+            retarget(self.sparse, self.model, cut)
         self.masks = None
-        return control
 
     # -- pruning -------------------------------------------------------------------------------
 
@@ -310,58 +363,12 @@ class PruningCallback(TrainerCallback):
             self._scores[key] = self._scores[key] + part if key in self._scores else part.clone()
         self._score_steps += 1
 
-    # -- activations ---------------------------------------------------------------------------
-
-    def _watch_activations(self) -> None:
-        current = {}
-        signature = inspect.signature(self.model.forward)
-
-        def remember_batch(_m, args, kwargs):  # the attention mask tells the hooks below which rows are padding
-            try:
-                current["attention_mask"] = signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
-            except TypeError:
-                current["attention_mask"] = kwargs.get("attention_mask")
-
-        def forget_batch(_m, _args, _output):  # a later forward that skips the top level sees no stale mask
-            current.clear()
-
-        def make_hook(key, groups, _module):
-            def hook(mod, args):
-                if not mod.training:
-                    return
-                x = token_rows(args[0].detach().float(), current)  # (tokens, groups * width), already gated
-                self._act_buffer[key] = self._act_buffer.get(key, 0) + self.criterion.activation_terms(x, groups)
-
-            return hook
-
-        self._act_handles.append(self.model.register_forward_pre_hook(remember_batch, with_kwargs=True))
-        self._act_handles.append(self.model.register_forward_hook(forget_batch))
-        self._act_handles.extend(watch_output_projections(self.model, make_hook))
-
-    def _flush_activations(self) -> None:
-        if not self._act_buffer:
-            return
-        flat = torch.cat([self._act_buffer.get(k, torch.zeros(g.numel(), device=g.device)).to(g.device).flatten()
-                          for k, g in self.masks.gates.items()])
-        self._act_buffer = {}
-        self._accumulate(mean_across_ranks(flat))
-
-    def _unwatch_activations(self) -> None:
-        for h in self._act_handles:
-            h.remove()
-        self._act_handles = []
-
     # -- masked weights ------------------------------------------------------------------------
 
     def _build_zero_targets(self) -> None:
         """(parameter, dim, indices) slices that belong to masked heads and neurons (key/value rows only of the
         groups all of whose heads are masked)."""
-        targets = []
-        for key, gate in self.masks.gates.items():
-            masked = torch.nonzero(gate.detach().cpu() == 0).flatten()
-            if len(masked):
-                targets += get_block(self.model, key, self.masks.spec).unit_slices(masked)
-        self._zero_targets = targets
+        self._zero_targets = removed_slices(self.model, self.masks.gates, self.masks.spec)
 
     def _zero_masked_weights(self) -> None:
         fill_slices_(self._zero_targets, 0.0, self.model)  # FSDP2: into each rank's own shard

@@ -14,7 +14,9 @@ gradient accumulation and DDP's all-reduce, so every rank does the same) and the
 it, so momentum and weight decay cannot move them. Each Trainer checkpoint gets ``hfprune_sparsity.safetensors``
 (packed masks, movement scores, the rewind snapshot) and ``hfprune_sparsity_state.json``; resuming reads them.
 Movement scores accumulate ``-dL/dW * W`` at every optimizer step. Distillation (``DistillationTrainer``) works
-unchanged: the callback only touches weights and gradients.
+unchanged: the callback only touches weights and gradients. ``PruningCallback`` drives this class when it is given
+weight sparsity (:mod:`hfprune.pruning.combined`); ``structure`` then names the weights its masks on heads and
+neurons remove, which the ranking leaves out.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transformers import TrainerCallback
 
 from ...core.apply import unwrap
 from ...core.checkpoint.sparse import pack_bits, unpack_bits
+from ...core.sharded import check_supported_sharding, is_sharded
 from ...core.structure import base_layer, is_conv1d
 from ..schedule import ScheduleConfig, fraction_at, prune_steps
 from .config import SparsityConfig
@@ -77,8 +80,10 @@ class SparsityCallback(TrainerCallback):
             if config.parsed_pattern.kind == "n:m" and schedule.kind != "oneshot":
                 raise ValueError(f"pattern={config.pattern!r} is reached in one step; use "
                                  "ScheduleConfig(kind='oneshot')")
-        if rewind_step is not None and (schedule.kind != "iterative" or rewind_step < 0):
-            raise ValueError(f"rewind_step={rewind_step!r} goes with ScheduleConfig(kind='iterative') and is >= 0")
+        if rewind_step is not None and (config is None or schedule.kind != "iterative" or rewind_step is True
+                                        or not isinstance(rewind_step, int) or rewind_step < 0):
+            raise ValueError(f"rewind_step={rewind_step!r} goes with a SparsityConfig and "
+                             "ScheduleConfig(kind='iterative'), and is an int >= 0")
         self.config, self.schedule, self.rewind_step = config, schedule, rewind_step
         self.model = None
         self.targets: list = []
@@ -88,6 +93,21 @@ class SparsityCallback(TrainerCallback):
         self.events_done: list = []
         self._resolved: ScheduleConfig | None = None
         self._pending: str | None = None
+        # () -> {name: bool (out, in)}: weights that masks on heads and neurons remove (set by PruningCallback)
+        self.structure = None
+
+    def check(self, model, args=None) -> list:
+        """The targets of ``model``, or an error for a model whose weights cannot carry masks; changes nothing."""
+        model = unwrap(model)
+        check_supported_sharding(model, args)
+        if is_sharded(model):
+            raise NotImplementedError("weight sparsity during training keeps full-size masks beside each weight, "
+                                      "which FSDP2's sharded weights are not; train with DDP (or one process)")
+        targets = find_targets(model, self.config.targets if self.config else "blocks")
+        if self.config is not None:
+            for t in targets:
+                check_shape(t.shape, self.config.parsed_pattern, t.name)
+        return targets
 
     def load_state(self, checkpoint_dir) -> None:
         """Resume from ``checkpoint_dir`` (found automatically when it is in the run's ``output_dir``)."""
@@ -96,11 +116,8 @@ class SparsityCallback(TrainerCallback):
     # -- Trainer events ------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.targets = self.check(model, args)
         self.model = unwrap(model)
-        self.targets = find_targets(self.model, self.config.targets if self.config else "blocks")
-        if self.config is not None:
-            for t in self.targets:
-                check_shape(t.shape, self.config.parsed_pattern, t.name)
         self._resolved = self.schedule.resolve(state.max_steps)
         self.masks = {t.name: t.weight().detach().ne(0) if self.config is None else
                       torch.ones(t.shape, dtype=torch.bool, device=t.weight().device) for t in self.targets}
@@ -157,26 +174,43 @@ class SparsityCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.load_best(args, state)
+        self.finish()
+        return control
+
+    def finish(self) -> None:
+        """Zero the masked weights a last time and leave the :class:`SparsityPlan` on the model."""
         if self.targets:
             apply_masks(self.targets, self.masks)
             pattern = str(self.config.parsed_pattern) if self.config else "unstructured"
             setattr(self.model, PLAN_ATTRIBUTE, plan_from_weights(
                 self.targets, pattern, self.config.to_dict() if self.config else None))
-        return control
 
     # -- pruning and state ---------------------------------------------------------------------
 
+    def load_best(self, args, state) -> None:
+        """With ``load_best_model_at_end``, the best checkpoint's masks, as its weights are (masks only grow)."""
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if best and os.path.isfile(os.path.join(best, TENSORS_FILE)):
+            self._restore(best, required=True)
+
     @property
     def sparsity(self) -> float:
-        """The share of masked weights now."""
-        total = sum(m.numel() for m in self.masks.values())
-        return sum(int((~m).sum()) for m in self.masks.values()) / max(total, 1)
+        """The share of masked weights now, among those the structure (heads and neurons) keeps."""
+        removed = self.structure() if self.structure is not None else {}
+        zeros = total = 0
+        for name, mask in self.masks.items():
+            kept = ~removed[name] if name in removed else torch.ones_like(mask)
+            zeros += int((~mask & kept).sum())
+            total += int(kept.sum())
+        return zeros / max(total, 1)
 
     def _prune(self, step: int) -> None:
         self.events_done.append(step)
         target = fraction_at(self._resolved, step) * self.config.resolved_sparsity
         pattern = self.config.parsed_pattern
         generator = torch.Generator().manual_seed(self.config.seed + step)
+        removed = self.structure() if self.structure is not None else {}
         for t in self.targets:
             if self.config.criterion == "movement":
                 scores = self.movement[t.name].clone()
@@ -185,7 +219,11 @@ class SparsityCallback(TrainerCallback):
             else:
                 scores = t.weight().detach().abs().float()
             scores[~self.masks[t.name]] = float("-inf")  # masks only grow
-            self.masks[t.name] = mask_for(scores, pattern, target) & self.masks[t.name]
+            share = target
+            if t.name in removed:  # going with their heads / neurons: kept here, and the zeros are a share of the rest
+                scores[removed[t.name]] = float("inf")
+                share = target * float((~removed[t.name]).sum()) / scores.numel()
+            self.masks[t.name] = mask_for(scores, pattern, share) & self.masks[t.name]
         if self.rewind:
             with torch.no_grad():
                 for t in self.targets:

@@ -62,16 +62,18 @@ def _stats_hooks(modules: dict, kind: str, current: dict, stats: dict) -> list:
     ``X^T X`` (``"hessian"``)."""
     def make(name):
         def hook(_m, args, kwargs):
-            x = (args[0] if args else kwargs["input"]).detach()
+            raw = args[0] if args else kwargs["input"]
             last = current.get("last")
-            if last is not None and last[0] is x:  # q/k/v (gate/up) read one tensor: computed once
+            # q/k/v (gate/up) read one tensor: computed once (compared before .detach(), which makes a new object)
+            if last is not None and last[0] is raw:
                 stats[name] = stats.get(name, 0) + last[1]
                 return
+            x = raw.detach()
             if kind == "hessian":
                 term = accumulate_hessian(None, x, current["batch"])
             else:
                 term = token_rows(x, current["batch"]).float().pow(2).sum(0)
-            current["last"] = (x, term)
+            current["last"] = (raw, term)
             stats[name] = stats.get(name, 0) + term
         return hook
 

@@ -3,6 +3,8 @@
 contribution onto the columns not yet visited, with the Optimal Brain Surgeon update from the layer input's
 Hessian ``H = X^T X``. The Hessian and its damped inverse are structured OBS's
 (:func:`hfprune.pruning.recovery.obs.accumulate_hessian`, :func:`~hfprune.pruning.recovery.obs.damped_inverse`).
+The paper's ``2 X X^T / n`` scaling is left out: the damping is relative to the mean diagonal, so the update and
+the mask do not depend on the Hessian's scale.
 
 With ``U`` the upper Cholesky factor of ``Hinv`` (so row ``i`` of ``U``, divided by ``U[i, i]``, is the OBS update
 direction once columns ``< i`` are fixed), visiting column ``i``::
@@ -10,8 +12,13 @@ direction once columns ``< i`` are fixed), visiting column ``i``::
     err = (w_i - q_i) / U[i, i]          q_i: w_i with its pruned rows zeroed
     W[:, i:] -= err  U[i, i:]            (the columns of this block at once; later blocks lazily, per block)
 
-The mask of each column block is chosen when the block starts, from ``W^2 / U[i, i]^2`` of the weights as updated so
-far, in the requested pattern (unstructured: the block's lowest share; N:M: per group; block tiles).
+The mask is chosen from ``W^2 / U[i, i]^2`` of the weights as updated so far (the paper's adaptive mask selection):
+unstructured and block tiles once per column block, when it starts (the block's lowest share); N:M per group of
+``M`` columns, when the group is reached, so that each group sees the updates of the groups before it.
+
+Inputs that were zero on every calibration token (``H[i, i] = 0``) get a unit diagonal and their weights are
+zeroed first, as in the paper's code: they do not change the layer's output on the calibration data, so they are
+the cheapest weights to remove.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..recovery.obs import DAMP, damped_inverse
-from .patterns import Pattern, mask_for
+from .patterns import Pattern, mask_for, nm_mask
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Pattern, sparsity: float,
@@ -28,7 +35,11 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patter
     float64, zero where the mask is False."""
     w = weight.double().clone()
     cols = w.shape[1]
-    hinv = damped_inverse(hessian, damp if damp > 0 else DAMP)  # undamped: H is singular for most layers
+    h = hessian.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    hinv = damped_inverse(h, damp if damp > 0 else DAMP)  # undamped: H is singular for most layers
     u = torch.linalg.cholesky(hinv, upper=True)
     group = pattern.m if pattern.kind == "n:m" else pattern.cols if pattern.kind == "block" else 1
     step = max(block_size // group, 1) * group  # a mask group never straddles two column blocks
@@ -37,8 +48,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, pattern: Patter
         i2 = min(i1 + step, cols)
         w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
         err = torch.zeros_like(w1)
-        keep1 = mask_for(w1.pow(2) / u1.diagonal().pow(2), pattern, sparsity)
+        inv_d2 = u1.diagonal().pow(-2)
+        if pattern.kind == "n:m":
+            keep1 = torch.ones_like(w1, dtype=torch.bool)
+        else:
+            keep1 = mask_for(w1.pow(2) * inv_d2, pattern, sparsity)
         for i in range(i2 - i1):
+            if pattern.kind == "n:m" and i % pattern.m == 0:  # this group, from the weights as updated so far
+                g = slice(i, i + pattern.m)
+                keep1[:, g] = nm_mask(w1[:, g].pow(2) * inv_d2[g], pattern.n, pattern.m)
             col = w1[:, i]
             e = col * (~keep1[:, i]) / u1[i, i]  # (w - q) / d
             w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
