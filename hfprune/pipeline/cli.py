@@ -9,6 +9,7 @@
     hfprune push DIR REPO_ID [--private] [--revision BRANCH] [--create-pr] [--token TOKEN] [--message TEXT]
     hfprune sweep [RECIPE] [--ratios 0.4,0.5,0.6,0.7,0.8] [--budget macs_ratio] [--section.key=value ...]
     hfprune sparsify MODEL_DIR --output DIR [--criterion wanda] [--sparsity 0.5] [--pattern 2:4] [--compact] ...
+    hfprune search MODEL_DIR --output DIR --params_ratio 0.8 [--axes depth,hidden,heads,ffn] [--data bbc_news ...]
     hfprune serve DIR [--check-only] [--python PYTHON] [--vllm="VLLM SERVER OPTIONS"]
     hfprune env
 
@@ -117,7 +118,7 @@ def cmd_prune(args: list) -> int:
 
     from ..pruning.config import PruningConfig
     from .recipe import load_recipe
-    from .run import run
+    from .run import run, run_sequential
 
     parser = HfArgumentParser((PruneArgs, PruningConfig), prog="hfprune prune",
                               description="One-shot pruning of a saved model (a recipe built from these flags).")
@@ -147,7 +148,7 @@ def cmd_prune(args: list) -> int:
     }
     recipe = load_recipe(raw)
     _setup_logging()
-    from .sequential_run import choose_path, run_sequential
+    from .sequential_run import choose_path
 
     if requested is None and (prune_args.dtype is not None or prune_args.offload_dir is not None):
         requested = True  # both only mean something layer by layer
@@ -160,6 +161,7 @@ def cmd_prune(args: list) -> int:
         return 0
     if prune_args.dtype is not None or prune_args.offload_dir is not None:
         raise ValueError("--dtype and --offload_dir apply to layer-by-layer pruning; drop --no-sequential")
+    recipe.model.sequential = False  # decided above: run() would otherwise decide again from the recipe
     result = run(recipe)
     print(result.table())
     print(f"\nSaved to {result.output_dir}")
@@ -272,8 +274,14 @@ def cmd_serve(args: list) -> int:
     return serve_main(args)
 
 
+def cmd_search(args: list) -> int:
+    from .cli_search import main as search_main
+
+    return search_main(args)
+
+
 COMMANDS = {"run": cmd_run, "prune": cmd_prune, "report": cmd_report, "push": cmd_push, "sweep": cmd_sweep,
-            "sparsify": cmd_sparsify, "serve": cmd_serve, "env": cmd_env}
+            "sparsify": cmd_sparsify, "serve": cmd_serve, "env": cmd_env, "search": cmd_search}
 
 
 def main(argv: list | None = None) -> int:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .importance import Importance
 
-SCOPES = ("global", "per_layer", "uniform")
+SCOPES = ("global", "per_layer", "uniform", "search")
 TARGETS = ("blocks", "hidden")
 NORMALIZE = ("auto", "none", "layer")
 RECOVERY = ("auto", "none", "rearrange", "lstsq", "full", "obs")
@@ -29,7 +29,9 @@ class PruningConfig:
     ``scope``: ``global`` ranks all heads and neurons together (layers end up with different widths),
     ``per_layer`` keeps the same share in every layer (ratio budgets), ``uniform`` keeps the same number of heads
     (whole key/value groups) and neurons in every layer under any budget, so families with an explicit head size
-    (Llama, Mistral, Qwen) save a plain checkpoint.
+    (Llama, Mistral, Qwen) save a plain checkpoint. ``search`` (params, MACs or latency budget) searches uniform
+    shapes across depth, hidden size, key/value groups and FFN width and keeps the best retraining-free
+    (:mod:`hfprune.pruning.search`, default settings there; recovery ``obs`` or ``none``).
 
     ``recovery`` (Kwon et al. 2022, needs calibration data): ``rearrange`` re-picks which heads/neurons each
     layer keeps from the layer's full Fisher matrix (only criteria that keep it: ``Importance.fisher_blocks``,
@@ -149,6 +151,9 @@ class PruningConfig:
         if len(kinds) != 1:
             raise ValueError("give exactly one budget: macs_ratio, params_ratio, latency_ratio, or "
                              f"head_ratio/ffn_ratio/expert_ratio; got {given or 'none'}")
+        if self.scope == "search":
+            self._check_search(kinds)
+            return
         if kinds == {"ratio"} and self.scope == "global":
             self.scope = "per_layer"  # keep ratios are a per-layer notion
         if self.scope == "per_layer" and kinds != {"ratio"}:
@@ -164,6 +169,14 @@ class PruningConfig:
             raise ValueError(f"bias_compensation=True with recovery={self.recovery!r}: that recovery already fits the "
                              "kept units to the output with the removed units, and a bias added afterwards would "
                              "count them twice; use recovery 'none' or 'rearrange' with it")
+
+    def _check_search(self, kinds: set) -> None:
+        if kinds == {"ratio"}:
+            raise ValueError("scope='search' takes a params_ratio, macs_ratio or latency_ratio budget, not "
+                             "head_ratio/ffn_ratio/expert_ratio (the search chooses those)")
+        if self.recovery not in ("auto", "none", "obs") or self.bias_compensation:
+            raise ValueError(f"scope='search' runs recovery 'obs' or 'none' (recovery={self.recovery!r}, "
+                             f"bias_compensation={self.bias_compensation})")
 
     def _check_hidden(self, given: list) -> None:
         from .importance.hidden import HIDDEN_CRITERIA

@@ -211,6 +211,13 @@ def prune(model: nn.Module, calibration: Iterable | None, config: PruningConfig,
         calibration = calibration_batches(calibration, config.calibration_batch_size, tokenizer)
         if iter(calibration) is calibration:  # a one-shot iterator: scoring and recovery both read it
             calibration = list(calibration)
+    if config.scope == "search":  # uniform shapes searched across axes: hfprune.pruning.search
+        from .search import SearchConfig, search
+
+        before = cost.estimate(target, seq_len=config.seq_len)
+        found = search(model, calibration, SearchConfig.from_pruning(config), latency_table=latency_table)
+        return PruneResult(found.plan, model, before, cost.estimate(target, seq_len=config.seq_len), found.seconds,
+                           {}, found.config.recovery, latency=latency_table)
     if config.target == "hidden":
         from .hidden import prune_hidden
 
