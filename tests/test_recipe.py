@@ -36,7 +36,8 @@ def test_default_recipe_is_the_shipped_oneshot_file():
 @pytest.mark.parametrize("raw, message", [
     ({**BASE, "prunning": {}}, "unknown key 'prunning' (did you mean 'pruning'?); allowed: data, description"),
     ({**BASE, "pruning": {"macs_ration": 0.5}}, "unknown key pruning.macs_ration (did you mean 'macs_ratio'?)"),
-    ({**BASE, "model": {"pth": "x"}}, "unknown key model.pth (did you mean 'path'?); allowed: base_model, num_labels"),
+    ({**BASE, "model": {"pth": "x"}},
+     "unknown key model.pth (did you mean 'path'?); allowed: base_model, dtype, num_labels"),
     ({**BASE, "method": "gradual", "training": {"learning_rat": 1e-4}}, "unknown key training.learning_rat"),
     ({**BASE, "pruning": {"macs_ratio": "half"}}, "pruning.macs_ratio: expected float | None, got 'half'"),
     ({**BASE, "evaluation": {"batch_size": 1.5}}, "evaluation.batch_size: expected int, got 1.5"),

@@ -77,8 +77,14 @@ def test_offload_dir_shards_and_extra_files(tmp_path):
     assert sorted(os.listdir(offload)) == ["mine.txt"]  # its own activation folder removed, nothing else
     names = sorted(os.listdir(out))
     assert "notes.txt" in names and not [n for n in names if n.startswith(".")]
-    shards = [n for n in names if n.startswith("model-")]
-    assert len(shards) == 3 + 1  # one per layer, one for the embeddings and head
+    shards = {}
+    for key, shard in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].items():
+        shards.setdefault(shard, set()).add(key.split(".")[2] if key.startswith("model.layers.") else key)
+    assert sorted(shards) == sorted(n for n in names if n.startswith("model-"))
+    # one shard per layer, and one per tensor outside the layers: the embeddings and head are never held together
+    assert sorted(len(v) for v in shards.values()) == [1] * len(shards)
+    assert sum(v <= {"0", "1", "2"} for v in shards.values()) == 3
+    assert {k for v in shards.values() for k in v} >= {"model.embed_tokens.weight", "model.norm.weight"}
 
 
 def test_bfloat16_equals_in_memory(tmp_path):
@@ -148,3 +154,30 @@ def test_depth_equals_in_memory(model_type, tmp_path):
     with torch.no_grad():
         assert torch.equal(memory(**batches[0]).logits, loaded(**batches[0]).logits)
     assert after.params == sum(p.numel() for p in memory.parameters())
+
+
+@pytest.mark.parametrize("setting", ["fluctuation-obs-uniform", "fluctuation-bias"])
+def test_no_layer_pass_holds_the_embeddings(setting, tmp_path, monkeypatch):
+    """Peak memory grows with one layer, not with the vocabulary: the embeddings are back on the meta device
+    before the first layer is loaded, and the tensors outside the layers are read one at a time at the end."""
+    from hfprune.pruning.lazy import LazyModel
+
+    _, folder, batches = _dense("llama", tmp_path)
+    seen, reads = [], []
+    load_layer, rest_tensors = LazyModel.load_layer, LazyModel.rest_tensors
+
+    def watch_layer(self, layers, index):
+        seen.append(self.model.get_input_embeddings().weight.device.type)
+        return load_layer(self, layers, index)
+
+    def watch_rest(self, layers):
+        for key, tensor in rest_tensors(self, layers):
+            reads.append(key)
+            yield key, tensor
+
+    monkeypatch.setattr(LazyModel, "load_layer", watch_layer)
+    monkeypatch.setattr(LazyModel, "rest_tensors", watch_rest)
+    settings = {"recovery_examples": 3, **SETTINGS[setting]}
+    prune_sequential(folder, batches, hfprune.PruningConfig(**settings), tmp_path / "out")
+    assert len(seen) == 2 * 3 and set(seen) == {"meta"}  # statistics and reconstruction pass, 3 layers each
+    assert "model.embed_tokens.weight" in reads and not [k for k in reads if k.startswith("model.layers.")]

@@ -34,6 +34,7 @@ from .artifacts import (  # noqa: F401  (RESULTS_FILE, sweep_table, ...: hfprune
     RESULTS_FILE,
     SCORES_FILE,
     layer_rows,
+    read_results,
     results_table,
     scores_to_tensors,
     sweep_table,
@@ -301,6 +302,17 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
     transformers.set_seed(recipe.seed)
     path = resolve_model_path(recipe)
     logger.info("dense model: %s", path)
+    from .sequential_run import recipe_choice
+
+    if recipe_choice(recipe, path, save):  # the model section or its size says layer by layer (logged, with why)
+        m = recipe.model
+        result = run_sequential(recipe, dtype=m.dtype, offload_dir=m.offload_dir, path=path)
+        out = RunResult(read_results(recipe.output_dir), recipe.output_dir, result.model, result.scores)
+        _push(recipe, out, push)
+        return out
+    if recipe.model.dtype is not None or recipe.model.offload_dir is not None:
+        raise ValueError("model.dtype and model.offload_dir apply to layer-by-layer pruning; set model.sequential "
+                         "to true or null")
     tokenizer = load_tokenizer(recipe, path)
     model = load_model(recipe, path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -361,14 +373,36 @@ def run(recipe: Recipe, *, save: bool = True, push: bool | None = None) -> RunRe
     # Under accelerate launch / torchrun every process runs the recipe; only the first one writes and pushes.
     if save and int(os.environ.get("RANK", "0")) == 0:
         out.output_dir = save_run(recipe, target, tokenizer, results, scores)
-        do_push = recipe.hub.push if push is None else push
-        if do_push:
-            from .hub import push_to_hub
-
-            h = recipe.hub
-            results["hub_url"] = push_to_hub(out.output_dir, h.repo_id, private=h.private, revision=h.revision,
-                                             create_pr=h.create_pr)
+        _push(recipe, out, push)
     return out
+
+
+def _push(recipe: Recipe, out: RunResult, push: bool | None) -> None:
+    if recipe.hub.push if push is None else push:
+        from .hub import push_to_hub
+
+        h = recipe.hub
+        out.results["hub_url"] = push_to_hub(out.output_dir, h.repo_id, private=h.private, revision=h.revision,
+                                             create_pr=h.create_pr)
+
+
+def run_sequential(recipe: Recipe, *, dtype=None, offload_dir=None, path: Path | None = None):
+    """Prune ``recipe``'s model layer by layer (:func:`hfprune.pipeline.sequential_run.prune_recipe`) on its
+    calibration data; returns the :class:`~hfprune.pruning.oneshot.PruneResult`. ``path``: the dense model's
+    folder when already resolved. The options, then the data (text shorter than one block), are checked before
+    anything is written."""
+    from .sequential_run import check_options, prune_recipe
+
+    check_options(dtype, offload_dir)  # before the data are read, let alone the model
+    path = resolve_model_path(recipe) if path is None else path
+    tokenizer = load_tokenizer(recipe, path)
+    data = load_data(recipe, tokenizer)
+    calibration = None
+    if data is not None:
+        d = recipe.data
+        calibration = batches(subset(data[d.train_split], d.calibration_samples, recipe.seed),
+                              collator(recipe, tokenizer, None), d.calibration_batch_size)
+    return prune_recipe(recipe, path, tokenizer, calibration, dtype=dtype, offload_dir=offload_dir)
 
 
 def _length(batch: dict) -> int:

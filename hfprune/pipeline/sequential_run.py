@@ -53,19 +53,20 @@ def available_memory() -> int | None:
     return min(found) if found else None
 
 
-def choose_path(requested: bool | None, config, model_dir) -> tuple:
+def choose_path(requested: bool | None, config, model_dir, names=("--sequential", "--no-sequential")) -> tuple:
     """``(sequential, reason)``. ``requested``: ``--sequential`` (True), ``--no-sequential`` (False) or neither
     (None: layer by layer when the criterion, recovery and budget allow it and the dense weights would not fit the
-    in-memory run comfortably). A forced ``--sequential`` the settings do not allow is a ``ValueError``."""
+    in-memory run comfortably). A forced ``--sequential`` the settings do not allow is a ``ValueError``.
+    ``names``: how the reason and the error call the two choices (the command-line flags, or recipe keys)."""
     from ..pruning.sequential import sequential_problem
 
     problem = sequential_problem(config)
     if requested is False:
-        return False, "--no-sequential"
+        return False, names[1]
     if requested:
         if problem:
-            raise ValueError(f"--sequential: {problem}")
-        return True, "--sequential"
+            raise ValueError(f"{names[0]}: {problem}")
+        return True, names[0]
     if problem:
         return False, problem
     size, free = weight_bytes(model_dir), available_memory()
@@ -76,29 +77,52 @@ def choose_path(requested: bool | None, config, model_dir) -> tuple:
                    "timed; --sequential prunes layer by layer anyway")
 
 
-def run_sequential(recipe, *, dtype=None, offload_dir=None):
-    """Prune ``recipe``'s model layer by layer into its output folder; returns the
-    :class:`~hfprune.pruning.oneshot.PruneResult`."""
-    from ..pruning.sequential import prune_sequential
-    from .artifacts import RECIPE_FILE, layer_rows, write_results
-    from .run import batches, collator, load_data, load_tokenizer, resolve_model_path, subset
+def recipe_choice(recipe, model_dir, save: bool = True) -> bool:
+    """Whether :func:`hfprune.pipeline.run.run` prunes ``recipe`` layer by layer: :func:`choose_path` for its
+    ``model`` section, ``model.sequential`` (true, false or null), where a ``model.dtype`` or ``model.offload_dir``
+    with ``sequential: null`` means true, as ``--dtype`` and ``--offload_dir`` do on the command line. Logs which
+    path and why. The layer-by-layer run writes as it goes, so a run that does not ``save`` stays in memory;
+    ``method: gradual`` trains in memory."""
+    m = recipe.model
+    layerwise_only = m.dtype is not None or m.offload_dir is not None
+    if recipe.method != "oneshot":
+        if m.sequential or layerwise_only:
+            raise ValueError(f"model.sequential, model.dtype and model.offload_dir apply to method oneshot; this "
+                             f"recipe is {recipe.method} (it trains the model in memory)")
+        return False
+    requested = True if m.sequential is None and layerwise_only else m.sequential
+    names = ("model.sequential: true" if m.sequential else "model.dtype / model.offload_dir (layer by layer only)",
+             "model.sequential: false")
+    sequential, why = choose_path(requested, recipe.pruning, model_dir, names)
+    if sequential and not save:
+        if requested:
+            raise ValueError(f"{names[0]}: the layer-by-layer path writes the checkpoint as it goes; run it with "
+                             "saving on")
+        sequential, why = False, f"this run does not save, and the layer-by-layer path writes as it goes ({why})"
+    logger.info("%s path: %s", "layer-by-layer" if sequential else "in-memory", why)
+    return sequential
 
+
+def check_options(dtype=None, offload_dir=None) -> None:
+    """Refuse a ``dtype`` that is not a floating torch dtype and an ``offload_dir`` that is not a writable folder,
+    naming them, before any data or model is read."""
     if offload_dir is not None:
         from ..pruning.seqio import check_writable
 
-        check_writable(offload_dir)  # before the data are read, let alone the model
+        check_writable(offload_dir)
     if dtype not in (None, "auto"):
         from ..pruning.lazy import resolve_dtype
 
         resolve_dtype(None, dtype)
-    path = resolve_model_path(recipe)
-    tokenizer = load_tokenizer(recipe, path)
-    data = load_data(recipe, tokenizer)  # text shorter than one block is refused here, before anything is written
-    calibration = None
-    if data is not None:
-        d = recipe.data
-        calibration = batches(subset(data[d.train_split], d.calibration_samples, recipe.seed),
-                              collator(recipe, tokenizer, None), d.calibration_batch_size)
+
+
+def prune_recipe(recipe, path, tokenizer, calibration, *, dtype=None, offload_dir=None):
+    """Prune the model in ``path`` layer by layer into ``recipe``'s output folder, with the tokenizer, the recipe and
+    the results in the same save; ``calibration``: model-ready batches (``None`` for a data-free criterion). Returns
+    the :class:`~hfprune.pruning.oneshot.PruneResult` (:func:`hfprune.pipeline.run.run_sequential` reads the
+    recipe's data first)."""
+    from ..pruning.sequential import prune_sequential
+    from .artifacts import RECIPE_FILE, layer_rows, write_results
 
     def stage(folder: Path, result) -> None:  # into the same save: nothing looks finished before all is written
         if tokenizer is not None:

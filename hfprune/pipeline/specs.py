@@ -30,12 +30,31 @@ class ModelSpec:
     trust_remote_code: bool = field(default=False, metadata={"help": "to start from an hfprune-pruned checkpoint"})
     base_model: str | None = field(default=None, metadata={
         "help": "Hub id of the dense model, for the model card's base_model (e.g. sentence-transformers/...)"})
+    sequential: bool | None = field(default=None, metadata={
+        "help": "method oneshot: prune layer by layer from disk (true), in memory (false), or null: layer by layer "
+                "when the criterion allows it and the weights would not fit the in-memory run (as `hfprune "
+                "prune`; the log says which path ran and why)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "layer by layer: the dtype the weights are pruned in (float32, bfloat16, float16, auto: the "
+                "checkpoint's); setting it means sequential unless sequential is false"})
+    offload_dir: str | None = field(default=None, metadata={
+        "help": "layer by layer: keep the calibration activations in this folder (relative to the current "
+                "directory) instead of in memory; setting it means sequential unless sequential is false"})
 
     def __post_init__(self):
         if not self.path.strip():
             raise ValueError("path='' is empty; give a directory, asset:minilm or package.module:function")
         if self.num_labels is not None and self.num_labels < 1:
             raise ValueError(f"num_labels={self.num_labels} must be >= 1 (1: regression) or null")
+        if self.dtype is not None:
+            from ..pruning.lazy import resolve_dtype
+
+            resolve_dtype(None, self.dtype)  # a ValueError naming it
+        if self.offload_dir is not None and not self.offload_dir.strip():
+            raise ValueError("offload_dir='' is empty; give a folder, or null to keep activations in memory")
+        if self.sequential is False and (self.dtype is not None or self.offload_dir is not None):
+            raise ValueError("dtype and offload_dir apply to layer-by-layer pruning, but sequential is false; drop "
+                             "them or set sequential to true or null")
 
 
 @dataclass

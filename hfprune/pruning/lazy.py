@@ -3,8 +3,9 @@
 embeddings and other tensors outside the layer stack loaded, and one layer at a time materialised from the
 checkpoint's safetensors files (``safe_open``, ``set_module_tensor_to_device``) when asked for.
 
-Sequential pruning (:mod:`hfprune.pruning.sequential`) runs on it; peak memory is the tensors outside the layers,
-one layer, and the calibration activations. Every file is opened for one read and closed again, so pages of the
+Sequential pruning (:mod:`hfprune.pruning.sequential`) runs on it; the tensors outside the layers are loaded only
+to record the first layer's inputs, then put back on the meta device, so peak memory is one layer and the
+calibration activations. Every file is opened for one read and closed again, so pages of the
 memory-mapped checkpoint do not stay resident.
 """
 
@@ -161,15 +162,17 @@ class LazyModel:
         self.model.tie_weights()  # the loaded embeddings replaced the tied parameter
 
     def unload_rest(self) -> None:
-        """Put the loaded tensors back on the meta device (before :meth:`rest_tensors` reads them all again)."""
+        """Put the loaded tensors back on the meta device: once the first layer's inputs are recorded, the layer
+        passes need neither the embeddings nor anything else outside the layers."""
         self.model.to("meta")
         self.model.tie_weights()  # .to() gives each module its own copy of a shared parameter
 
-    def rest_tensors(self, layers: nn.ModuleList) -> dict:
-        """``{state key: tensor}`` outside ``layers``, read from the checkpoint, in the model's dtype."""
-        keys = self.rest_keys(layers)
-        tensors = read_tensors(self.files, [self.keys[k] for k in keys])
-        return {k: _cast(tensors[self.keys[k]], self.dtype) for k in keys}
+    def rest_tensors(self, layers: nn.ModuleList):
+        """``(state key, tensor)`` outside ``layers``, read from the checkpoint in the model's dtype one at a time
+        (each file opened for one tensor), so a caller that writes and drops each holds one, not the embeddings and
+        the head together."""
+        for key in self.rest_keys(layers):
+            yield key, _cast(read_tensors(self.files, [self.keys[key]])[self.keys[key]], self.dtype)
 
     def load_layer(self, layers: nn.ModuleList, index: int) -> nn.Module:
         """A copy of ``layers[index]`` with its weights read from the checkpoint onto the compute device (a GPU

@@ -1,9 +1,10 @@
 # Copyright hfprune contributors. Apache-2.0.
 """Sequential (layer-by-layer) pruning of a model that need not fit in memory: :func:`prune_sequential`.
 
-The model is built on the meta device (:class:`~hfprune.pruning.lazy.LazyModel`); only the tensors outside the
-layer stack (embeddings, final norm, head) are loaded. The calibration batches run through the embeddings up to
-the first layer, whose call is recorded; then the layers are loaded from the checkpoint one at a time:
+The model is built on the meta device (:class:`~hfprune.pruning.lazy.LazyModel`); only the embeddings (and the other
+tensors outside the layer stack but an untied head) are loaded. The calibration batches run through them up to the
+first layer, whose call is recorded, and they go back to the meta device; then the layers are loaded from the
+checkpoint one at a time:
 
 1. **Statistics pass** (dense stream): each layer runs on the previous dense layer's output, while the criterion's
    per-block statistics (:meth:`~hfprune.pruning.importance.Importance.block_stats`) and, for bias compensation,
@@ -15,8 +16,10 @@ the first layer, whose call is recorded; then the layers are loaded from the che
    bias-compensated, sliced, and written as one safetensors shard into the save's staging folder. The config,
    plan file and modeling code come from ``apply_plan`` on the meta model; the save commits atomically at the end.
 
-Peak memory: the tensors outside the layers, two copies of one layer, and the calibration hidden states (on disk
-with ``offload_dir``). A data-free criterion (magnitude) reads each layer's weights once and runs no forward pass.
+Peak memory: two copies of one layer, the reconstruction's input Hessian of one projection (float64), and the
+calibration hidden states (on disk with ``offload_dir``). The embeddings are in memory only while the first layer's
+inputs are recorded, before any layer is loaded; the tensors outside the layers are copied into the new checkpoint
+one at a time at the end. A data-free criterion (magnitude) reads each layer's weights once and runs no forward pass.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ SEQUENTIAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", 
 def sequential_problem(config: PruningConfig) -> str | None:
     """Why ``config`` cannot run layer by layer (naming the path that can), or ``None`` when it can."""
     cls = config.criterion_class
+    if getattr(config, "scope", None) == "search":  # hfprune.pruning.search scores candidates on the whole model
+        return ("scope='search' scores whole candidate models; the in-memory path (hfprune.prune, hfprune prune "
+                "--no-sequential) runs it")
     if getattr(config, "target", "blocks") != "blocks":  # the hidden size runs through every layer at once
         return (f"target={config.target!r} changes every layer's width together; the in-memory path "
                 "(hfprune.prune, hfprune prune --no-sequential) runs it")
@@ -151,9 +157,18 @@ def prune_sequential(model_dir, calibration, config: PruningConfig, output_dir, 
         if use_cache is not None:  # a KV cache would grow with every replayed layer
             model.config.use_cache = False
         with torch.no_grad():
-            lazy.load_rest(layers)
-            bias_batches = recovery if config.bias_compensation else []
-            scores, means = _statistics(lazy, stack_key, stack, layers, criterion, batches, bias_batches, store)
+            streams = _streams(batches, recovery if config.bias_compensation else [])
+            data = criterion.signal != WEIGHTS or config.bias_compensation
+            dense_calls, calls = [], []
+            if data or mode == "obs":
+                # the embeddings serve only the first layer's inputs: record every stream's (the pruned stream
+                # starts from the same embeddings), then release them: no layer pass holds them (~18% of a 1B Llama)
+                lazy.load_rest(layers)
+                dense_calls = record_first_calls(model, layers, [b for b, _, _ in streams], store, "d") if data else []
+                calls = record_first_calls(model, layers, recovery, store, "r") if mode == "obs" else []
+                lazy.unload_rest()
+            scores, means = _statistics(lazy, stack_key, stack, layers, criterion, streams if data else [],
+                                        dense_calls, store)
             kept, _ = select_kept(model, scores, config)
             logger.info("sequential: plan selected from %d layers' statistics; reconstructing (%s)", len(layers), mode)
             done: dict = {}
@@ -165,8 +180,8 @@ def prune_sequential(model_dir, calibration, config: PruningConfig, output_dir, 
                 if stage is not None:
                     stage(folder, done["result"])
 
-            _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, store, output_dir, staged,
-                         use_cache)
+            _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, calls, store, output_dir,
+                         staged, use_cache)
     finally:
         store.close()
         if use_cache is not None:
@@ -183,6 +198,14 @@ def _streams(batches: list, recovery: list) -> list:
     return out
 
 
+def write_rest(lazy, layers, writer: ShardWriter) -> None:
+    """Copy the tensors outside the layers (embeddings, final norm, head) from the checkpoint into shards of their
+    own, one tensor at a time: the embeddings and an untied head are never in memory together."""
+    for key, tensor in lazy.rest_tensors(layers):
+        writer.write({key: tensor})
+        del tensor  # before the generator reads the next one
+
+
 def record_first_calls(model, layers, batches: list, store: HiddenStore, tag: str) -> list:
     """Record the first layer's call for every batch; its hidden states go to ``store``, the rest is returned."""
     device = next(p for p in model.parameters() if p.device.type != "meta").device
@@ -194,12 +217,9 @@ def record_first_calls(model, layers, batches: list, store: HiddenStore, tag: st
     return calls
 
 
-def _statistics(lazy, stack_key, stack, layers, criterion, batches, bias_batches, store) -> tuple:
+def _statistics(lazy, stack_key, stack, layers, criterion, streams, calls, store) -> tuple:
     """Pass 1 on the dense stream: ``({block key: scores}, {block key: mean output-projection input})``, the means
-    over ``bias_batches`` (for bias compensation)."""
-    streams = _streams(batches, bias_batches)
-    data = criterion.signal != WEIGHTS or bool(bias_batches)
-    calls = record_first_calls(lazy.model, layers, [s[0] for s in streams], store, "d") if data else []
+    over the recovery batches of ``streams`` (for bias compensation); ``streams`` empty: the weights alone."""
     scores, means = {}, {}
     for i in iterate(range(len(layers)), "sequential statistics"):
         layer = lazy.load_layer(layers, i)
@@ -212,7 +232,7 @@ def _statistics(lazy, stack_key, stack, layers, criterion, batches, bias_batches
                 handles.append(block.output_projection().register_forward_pre_hook(
                     _watch(block, criterion, stats, current)))
         try:
-            for j, (batch, scored, for_recovery) in enumerate(streams if data else []):
+            for j, (batch, scored, for_recovery) in enumerate(streams):
                 current.update(batch=batch, scored=scored and criterion.signal != WEIGHTS, bias=for_recovery)
                 hidden = run_layer(layer, store.get(f"d{j}"), calls[j])
                 if i + 1 < len(layers):
@@ -253,7 +273,7 @@ def _watch(block, criterion, stats: dict, current: dict):
     return hook
 
 
-def _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, store, output_dir, stage,
+def _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, calls, store, output_dir, stage,
                  use_cache) -> dict:
     """Pass 2: reconstruct or compensate, slice and write each layer; then the config, plan and code. Returns the
     kept units (OBS re-picks FFN neurons)."""
@@ -267,10 +287,9 @@ def _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, 
     if config.bias_compensation:
         flags = bias_flags_needed(model, [(k, m) for k, m, w in _tunable_all(model, stack_key, stack, layers)
                                           if k in pruned])
-    calls = record_first_calls(model, layers, recovery, store, "r") if obs else []
     txn = Transaction(output_dir, weights=("model.safetensors", "model.safetensors.index.json"))
     with txn as staging:
-        writer = ShardWriter(staging, total=len(layers) + 1)
+        writer = ShardWriter(staging, total=len(layers) + len(lazy.rest_keys(layers)))
         for i in iterate(range(len(layers)), "sequential pruning"):
             layer = lazy.load_layer(layers, i)
             blocks = list(layer_blocks(stack_key, i, layer, stack))
@@ -297,8 +316,7 @@ def _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, 
                 layers[i] = meta
             writer.write({lazy.prefix(layers, i) + k: v for k, v in layer.state_dict().items()})
             del layer
-        lazy.unload_rest()  # the embeddings are read again just below: not twice in memory
-        writer.write(lazy.rest_tensors(layers))
+        write_rest(lazy, layers, writer)
         for name, flag in flags.items():  # the meta model gets what every layer got, so its config says so
             add_zero_biases((b for j in range(len(layers)) for b in layer_blocks(stack_key, j, layers[j], stack)),
                             name)

@@ -21,7 +21,7 @@ from ..core.layerwise import run_layer
 from .depth import depth_plan, token_influence
 from .lazy import LazyModel
 from .seqio import HiddenStore, ShardWriter, check_writable
-from .sequential import check_family, record_first_calls
+from .sequential import check_family, record_first_calls, write_rest
 
 
 def depth_sequential(model_dir, calibration, output_dir, *, params_ratio: float | None = None,
@@ -53,6 +53,7 @@ def depth_sequential(model_dir, calibration, output_dir, *, params_ratio: float 
             lazy.load_rest(layers)
             batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
             calls = record_first_calls(model, layers, batches, store, "d")
+            lazy.unload_rest()  # only the first layer's inputs needed the embeddings
             sums = torch.zeros(len(layers), dtype=torch.float64)
             counts = torch.zeros(len(layers), dtype=torch.float64)
             for i in iterate(range(len(layers)), "block influence"):
@@ -75,13 +76,12 @@ def depth_sequential(model_dir, calibration, output_dir, *, params_ratio: float 
     kept = [i for i, layer in enumerate(plan.layers) if not layer.drop]
     txn = Transaction(output_dir, weights=("model.safetensors", "model.safetensors.index.json"))
     with txn as staging:
-        writer = ShardWriter(staging, total=len(kept) + 1)
+        writer = ShardWriter(staging, total=len(kept) + len(lazy.rest_keys(layers)))
         for new, i in enumerate(iterate(kept, "copying kept layers")):
             layer = lazy.load_layer(layers, i)
             writer.write({lazy.prefix(layers, new) + k: v for k, v in layer.state_dict().items()})
             del layer
-        lazy.unload_rest()  # the embeddings are read again just below: not twice in memory
-        writer.write(lazy.rest_tensors(layers))
+        write_rest(lazy, layers, writer)
         apply_plan(model, plan)
         stage_checkpoint(model, txn, state_dict={})
         writer.finish()
