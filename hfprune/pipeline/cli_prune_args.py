@@ -1,7 +1,7 @@
 # Copyright hfprune contributors. Apache-2.0.
 """``hfprune prune``'s arguments and the recipe ``data`` section its data flags describe.
 
-Shared by ``hfprune prune`` and ``hfprune sparsify`` (which takes the same data options), so the flags and their
+Shared by ``hfprune prune``, ``hfprune sparsify`` and ``hfprune search`` (the same data options), so the flags and their
 checks are written once.
 """
 
@@ -124,3 +124,30 @@ def prune_data(args: PruneArgs) -> dict:
     if args.max_length is not None:
         section["max_length"] = args.max_length
     return section
+
+
+def calibration_texts(args) -> list | None:
+    """The calibration text the data flags name (``--data bbc_news``, or ``--data_files`` / ``--dataset`` read as
+    ``hfprune prune`` reads them), or ``None`` when they name none. ``args``: the namespace of
+    ``hfprune sparsify`` or ``hfprune search`` (``data``, ``data_files``, ``dataset``, ``dataset_config``,
+    ``split``, ``text_column``, ``model_dir``, ``output``, ``seed``)."""
+    if args.data not in ("none", "bbc_news"):
+        raise ValueError(f"--data {args.data!r}: use bbc_news, or --data_files / --dataset for your own text")
+    if args.data == "bbc_news":
+        if args.data_files or args.dataset:
+            raise ValueError("--data bbc_news and --data_files/--dataset both name the data; give one")
+        from ..data.text import bbc_news
+
+        return list(bbc_news(seed=args.seed)["calibration"]["text"])
+    if args.data_files is None and args.dataset is None:
+        return None
+    from ..data.rows import load_rows
+
+    section = prune_data(PruneArgs(model_dir=args.model_dir, output_dir=args.output, task="causal-lm",
+                                   data_files=args.data_files, dataset=args.dataset,
+                                   dataset_config=args.dataset_config, split=args.split,
+                                   text_column=args.text_column))
+    split = load_rows(seed=args.seed, **section["kwargs"])["train"]
+    if args.text_column not in split.column_names:
+        raise ValueError(f"--text_column {args.text_column!r} is not a column of the data: {split.column_names}")
+    return [t for t in split[args.text_column] if isinstance(t, str) and t.strip()]

@@ -20,6 +20,8 @@ import argparse
 import os
 import sys
 
+from .cli_prune_args import calibration_texts
+
 USAGE = __doc__.split("\n\n")[1]
 BUDGET_FLAGS = ("params_ratio", "macs_ratio", "memory_ratio", "latency_ratio")
 
@@ -177,32 +179,6 @@ def distill_finalists(dense, result, calibration: list, held_out: list, args):
     result.extra["distill"] = {"steps": args.distill_steps, "finalists": args.distill_finalists,
                                "lr": args.distill_lr, "alpha": 0.9}
     return best_model
-
-
-def calibration_texts(args) -> list | None:
-    """The calibration text the data flags name (``--data bbc_news``, or ``--data_files`` / ``--dataset`` read as
-    ``hfprune prune`` reads them), or ``None`` when they name none."""
-    if args.data not in ("none", "bbc_news"):
-        raise ValueError(f"--data {args.data!r}: use bbc_news, or --data_files / --dataset for your own text")
-    if args.data == "bbc_news":
-        if args.data_files or args.dataset:
-            raise ValueError("--data bbc_news and --data_files/--dataset both name the data; give one")
-        from ..data.text import bbc_news
-
-        return list(bbc_news(seed=args.seed)["calibration"]["text"])
-    if args.data_files is None and args.dataset is None:
-        return None
-    from ..data.rows import load_rows
-    from .cli_prune_args import PruneArgs, prune_data
-
-    section = prune_data(PruneArgs(model_dir=args.model_dir, output_dir=args.output, task="causal-lm",
-                                   data_files=args.data_files, dataset=args.dataset,
-                                   dataset_config=args.dataset_config, split=args.split,
-                                   text_column=args.text_column))
-    split = load_rows(seed=args.seed, **section["kwargs"])["train"]
-    if args.text_column not in split.column_names:
-        raise ValueError(f"--text_column {args.text_column!r} is not a column of the data: {split.column_names}")
-    return [t for t in split[args.text_column] if isinstance(t, str) and t.strip()]
 
 
 def lm_batches(tokenizer, texts: list, block_size: int, blocks: int, batch_size: int = 8) -> list:

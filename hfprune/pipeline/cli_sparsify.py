@@ -19,6 +19,8 @@ import argparse
 import os
 import sys
 
+from .cli_prune_args import calibration_texts
+
 USAGE = __doc__.split("\n\n")[1]
 
 
@@ -70,7 +72,7 @@ def main(args) -> int:
                             ratios=args.ratios, targets=args.targets, seed=args.seed)  # bad flags: before loading
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")
-    texts = _texts(args)
+    texts = calibration_texts(args)
     if config.needs_data and texts is None:
         raise ValueError(f"--criterion {args.criterion} / --ratios {args.ratios} need calibration text: add "
                          "--data_files, --dataset or --data bbc_news")
@@ -88,31 +90,6 @@ def main(args) -> int:
     print(f"\n{config.criterion}, {config.pattern}: sparsity {result.plan.sparsity:.4f} in {result.seconds:.1f} s; "
           f"saved to {args.output}{' (compact)' if args.compact else ''}")
     return 0
-
-
-def _texts(args) -> list | None:
-    if args.data not in ("none", "bbc_news"):
-        raise ValueError(f"--data {args.data!r}: use bbc_news, or --data_files / --dataset for your own text")
-    if args.data == "bbc_news":
-        if args.data_files or args.dataset:
-            raise ValueError("--data bbc_news and --data_files/--dataset both name the data; give one")
-        from ..data.text import bbc_news
-
-        return list(bbc_news(seed=args.seed)["calibration"]["text"])
-    if args.data_files is None and args.dataset is None:
-        return None
-    from ..data.rows import load_rows
-    from .cli_prune_args import PruneArgs, prune_data
-
-    section = prune_data(PruneArgs(model_dir=args.model_dir, output_dir=args.output, task="causal-lm",
-                                   data_files=args.data_files, dataset=args.dataset,
-                                   dataset_config=args.dataset_config, split=args.split,
-                                   text_column=args.text_column))
-    rows = load_rows(seed=args.seed, **section["kwargs"])
-    split = rows["train"]
-    if args.text_column not in split.column_names:
-        raise ValueError(f"--text_column {args.text_column!r} is not a column of the data: {split.column_names}")
-    return [t for t in split[args.text_column] if isinstance(t, str) and t.strip()]
 
 
 def _batches(model, tokenizer, texts: list, args, batch_size: int = 8) -> list:
