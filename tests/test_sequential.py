@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hfprune
+from hfprune.pruning import sequential as sequential_module
 from hfprune.pruning.sequential import SEQUENTIAL_MODEL_TYPES, prune_sequential, sequential_problem
 
 from .cases import CASES
@@ -175,9 +176,13 @@ def test_no_layer_pass_holds_the_embeddings(setting, tmp_path, monkeypatch):
             reads.append(key)
             yield key, tensor
 
+    trims = []
     monkeypatch.setattr(LazyModel, "load_layer", watch_layer)
     monkeypatch.setattr(LazyModel, "rest_tensors", watch_rest)
+    # freed memory goes back to the OS after every layer of both passes (glibc would keep it: RSS grows with depth)
+    monkeypatch.setattr(sequential_module, "return_freed_memory", lambda: trims.append(len(seen)))
     settings = {"recovery_examples": 3, **SETTINGS[setting]}
     prune_sequential(folder, batches, hfprune.PruningConfig(**settings), tmp_path / "out")
     assert len(seen) == 2 * 3 and set(seen) == {"meta"}  # statistics and reconstruction pass, 3 layers each
+    assert trims == [1, 2, 3, 4, 5, 6], trims  # right after each layer
     assert "model.embed_tokens.weight" in reads and not [k for k in reads if k.startswith("model.layers.")]

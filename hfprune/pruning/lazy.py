@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
+import gc
 import json
 from pathlib import Path
 
@@ -198,3 +201,27 @@ class LazyModel:
 
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def return_freed_memory() -> None:
+    """Give the memory freed by the layer just done back to the operating system. glibc's malloc keeps freed heap
+    memory for reuse, and over many layers of differently sized temporaries the process's resident memory grows
+    with depth although no layer holds more (measured on 22 TinyLlama-shaped layers, recovery none: peak 1.34 GiB
+    without this, 1.06 GiB with glibc told to return everything, as much as 2 layers take). No-op without glibc."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    global _TRIM
+    if _TRIM is False:
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to call
+            _TRIM = None
+    return _TRIM
+
+
+_TRIM = False  # not looked up yet

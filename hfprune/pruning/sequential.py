@@ -41,7 +41,7 @@ from ..core.structure import apply_structure, base_layer, get_module
 from . import budget as select
 from .config import PruningConfig, require_config
 from .importance.base import WEIGHTS, layerwise
-from .lazy import LazyModel
+from .lazy import LazyModel, return_freed_memory
 from .oneshot import PruneResult, check_budget, select_kept
 from .recovery.bias import add_zero_biases, bias_flags_needed, compensation
 from .recovery.obs import DAMP, reconstruct_layer
@@ -252,6 +252,7 @@ def _statistics(lazy, stack_key, stack, layers, criterion, streams, calls, store
             if (key, "bias") in stats:
                 means[key] = stats[key, "bias"] / torch.tensor(float(stats[key, "bias_rows"]), dtype=torch.float64)
         del layer
+        return_freed_memory()
     return scores, means
 
 
@@ -316,6 +317,7 @@ def _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, 
                 layers[i] = meta
             writer.write({lazy.prefix(layers, i) + k: v for k, v in layer.state_dict().items()})
             del layer
+            return_freed_memory()
         write_rest(lazy, layers, writer)
         for name, flag in flags.items():  # the meta model gets what every layer got, so its config says so
             add_zero_biases((b for j in range(len(layers)) for b in layer_blocks(stack_key, j, layers[j], stack)),
