@@ -43,6 +43,7 @@ from .artifacts import (  # noqa: F401  (RESULTS_FILE, sweep_table, ...: hfprune
 from .evaluation import eval_record, evaluate_model, f1_average, hardware, latency_input, metric_label  # noqa: F401
 from .finetune_cache import cache_key, files_digest, finetune_settings, model_digest  # noqa: F401
 from .recipe import Recipe
+from .run_output import save_run
 from .specs import DataSpec
 from .tasks import get_task, load_class_from_config  # noqa: F401  (load_class_from_config: an old hfprune.run name)
 
@@ -414,37 +415,6 @@ def _version() -> str:
     from ..version import __version__
 
     return __version__
-
-
-def save_run(recipe: Recipe, model, tokenizer, results: dict, scores: dict) -> Path:
-    """Write checkpoint, tokenizer, results, recipe, importance scores, plots and card into the output folder as
-    one transaction (``modeling.transaction``): a failed or killed run leaves the previous output as it was, and
-    the folder's other files stay."""
-    from safetensors.torch import save_file
-
-    from ..core.checkpoint.save import stage_checkpoint, weight_names
-    from ..core.checkpoint.transaction import Transaction
-
-    final = recipe.output_dir
-    txn = Transaction(final, weights=weight_names(model))
-    with txn as staging:
-        stage_checkpoint(model, txn)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        (staging / RECIPE_FILE).write_text(recipe.to_yaml())
-        if scores:
-            save_file(scores_to_tensors(scores), str(staging / SCORES_FILE))
-        if recipe.output.plots:
-            from .report import draw_plots
-
-            results["plots"] = [p.relative_to(staging).as_posix() for p in draw_plots(staging, results)]
-        write_results(staging, results)
-        if recipe.output.card:
-            from .card import build_card
-
-            build_card(staging).save(staging / CARD_FILE)
-    logger.info("saved to %s", final)
-    return final
 
 
 # Moved to hfprune.pipeline.sweep, which builds on this module (a re-export would be an import cycle).
