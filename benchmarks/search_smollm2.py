@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--criterion", default="fluctuation", help="heads/FFN criterion")
     p.add_argument("--recovery", default="obs", choices=("none", "obs"))
     p.add_argument("--finalists", type=int, default=1)
+    p.add_argument("--no-per-kind", dest="per_kind", action="store_false",
+                   help="recover only the best --finalists (not also the best of every kind of shape)")
     p.add_argument("--recovery-examples", type=int, default=16)
     p.add_argument("--depth-grid", default="1,0.9,0.8,0.7")
     p.add_argument("--hidden-grid", default="1,0.9")
@@ -141,7 +143,11 @@ def merge(args) -> None:
         for record in data["rows"]:
             finalists = record["search"]["config"]["finalists"]
             if record["row"] == "searched":  # how many finalists were rebuilt with the recovery and compared
-                record = {**record, "row": f"searched ({finalists} finalist{'s' if finalists > 1 else ''})"}
+                recovered = sum("recovered_score" in c for c in record["search"]["candidates"])
+                label = (f"{recovered} recovered: best {finalists} + best of each kind"
+                         if record["search"]["config"].get("finalist_per_kind") else
+                         f"{finalists} finalist{'s' if finalists > 1 else ''}")
+                record = {**record, "row": f"searched ({label})"}
             records.append(record)
             rows.append({k: v for k, v in record.items() if k != "search"})
     meta = {**meta, "runs": runs}
@@ -189,7 +195,8 @@ def main(argv=None) -> None:
                                   grid={"depth": grid(args.depth_grid), "hidden": grid(args.hidden_grid),
                                         "heads": grid(args.heads_grid)},
                                   eval_examples=args.eval_blocks, recovery=args.recovery, finalists=args.finalists,
-                                  recovery_examples=args.recovery_examples, cache_dir=str(ROOT / args.cache_dir))
+                                  finalist_per_kind=args.per_kind, recovery_examples=args.recovery_examples,
+                                  cache_dir=str(ROOT / args.cache_dir))
             model = copy.deepcopy(dense_model)
             t = time.perf_counter()
             result = search(model, calibration, config, eval_data=held_out)

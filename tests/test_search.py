@@ -87,6 +87,34 @@ def test_chosen_plan_is_applied_and_reloads_plain(tmp_path, recovery):
     assert reloaded.config.intermediate_size == best["shape"]["ffn"]
 
 
+def test_every_kind_of_shape_gets_a_recovered_finalist():
+    from hfprune.pruning.search.runner import finalist_rows, shape_kind
+
+    dense = {"layers": 4, "hidden": 32, "groups": 2, "ffn": 64, "experts": None}
+    assert shape_kind({**dense, "ffn": 40}, dense) == ("ffn",)
+    assert shape_kind({**dense, "layers": 3, "ffn": 48}, dense) == ("layers", "ffn")
+    model, data = _llama(), _data()
+    grid = {"depth": [1, 0.75], "hidden": [1, 0.84], "heads": [1, 0.67]}
+    per_kind = search(model, data, SearchConfig(ratio=0.75, eval_examples=4, recovery="obs", finalists=1, grid=grid),
+                      apply=False)
+    geo = per_kind.extra["geometry"]
+    dense = {"layers": geo["layers"], "hidden": geo["hidden"], "groups": geo["kv_groups"], "ffn": geo["ffn"],
+             "experts": None}
+    assert dense == {"layers": 4, "hidden": 36, "groups": 3, "ffn": 64, "experts": None}
+    kinds = {shape_kind(r["shape"], dense) for r in per_kind.rows}
+    recovered = [r for r in per_kind.rows if "recovered_score" in r]
+    assert len(kinds) >= 4 and {shape_kind(r["shape"], dense) for r in recovered} == kinds
+    for kind in kinds:  # the recovered one of each kind is that kind's best unrecovered candidate
+        first = next(r for r in per_kind.rows if shape_kind(r["shape"], dense) == kind)
+        assert "recovered_score" in first
+    chosen = per_kind.rows[per_kind.chosen]
+    assert chosen["recovered_score"] == min(r["recovered_score"] for r in recovered)
+    assert finalist_rows(per_kind.rows, dense, 1, False) == [0]
+    only_best = search(_llama(), data, SearchConfig(ratio=0.75, eval_examples=4, recovery="obs", finalists=1,
+                                                    grid=grid, finalist_per_kind=False), apply=False)
+    assert [i for i, r in enumerate(only_best.rows) if "recovered_score" in r] == [0]
+
+
 def test_new_budget_reuses_cached_scores(tmp_path, monkeypatch):
     calls = []
     real = search_scores.run_pass

@@ -3,7 +3,8 @@
 
     hfprune search MODEL_DIR --output DIR (--params_ratio R | --macs_ratio R | --memory_ratio R | --latency_ratio R)
                    [--axes depth,hidden,heads,ffn,experts] [--grid depth=1,0.9,0.8 --grid hidden=1,0.9]
-                   [--criterion activation] [--recovery none|obs] [--finalists 1] [--context 4096] [--kv_batch 1]
+                   [--criterion activation] [--recovery none|obs] [--finalists 1] [--no_finalist_per_kind]
+                   [--context 4096] [--kv_batch 1]
                    [--data bbc_news | --data_files FILE ... | --dataset NAME] [--text_column text]
                    [--max_length 128] [--calibration_rows 64] [--eval_rows 8] [--cache_dir DIR] [--no-plots]
 
@@ -46,6 +47,8 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--expert_criterion", default="reap")
     parser.add_argument("--recovery", default="none", help="none or obs (structured OBS on the finalists)")
     parser.add_argument("--finalists", type=int, default=1)
+    parser.add_argument("--no_finalist_per_kind", dest="finalist_per_kind", action="store_false",
+                        help="recover only the best --finalists, not also the best candidate of every kind of shape")
     parser.add_argument("--seq_len", type=int, default=128, help="MACs and latency counted at this length")
     parser.add_argument("--context", type=int, default=4096, help="memory budget: KV cache tokens per sequence")
     parser.add_argument("--kv_batch", type=int, default=1, help="memory budget: sequences in the KV cache")
@@ -95,7 +98,8 @@ def search_config(args):
     return SearchConfig(ratio=getattr(args, given[0]), budget=given[0].removesuffix("_ratio"), axes=args.axes,
                         grid=grid, criterion=args.criterion, hidden_criterion=args.hidden_criterion,
                         expert_criterion=args.expert_criterion, recovery=args.recovery, finalists=args.finalists,
-                        eval_examples=args.eval_rows, seq_len=args.seq_len, context=args.context,
+                        finalist_per_kind=args.finalist_per_kind, eval_examples=args.eval_rows,
+                        seq_len=args.seq_len, context=args.context,
                         kv_batch=args.kv_batch, round_to=args.round_to, seed=args.seed, cache_dir=cache)
 
 
@@ -157,7 +161,12 @@ def distill_finalists(dense, result, calibration: list, held_out: list, args):
         "attention_mask": [r for b in rows for r in b["attention_mask"]],
         "labels": [r for b in rows for r in b["input_ids"]]}).with_format("torch")
     best, best_model = None, None
-    for i, row in enumerate(result.rows[: args.distill_finalists]):
+    # after a recovery its scores rank the candidates (the recovered ones first); otherwise the search's scores
+    ranked = sorted(range(len(result.rows)), key=lambda i: ("recovered_score" not in result.rows[i],
+                                                             result.rows[i].get("recovered_score", 0.0),
+                                                             result.rows[i]["score"]))
+    for i in ranked[: args.distill_finalists]:
+        row = result.rows[i]
         student = materialize(dense, PrunePlan.from_dict(row["plan"]), cfg.recovery, calibration,
                               cfg.recovery_examples)
         student.requires_grad_(True)  # the loaded dense model may be frozen; the student trains

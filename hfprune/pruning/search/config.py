@@ -58,6 +58,10 @@ class SearchConfig:
         "help": f"one of {RECOVERY}: obs reconstructs the finalists' output projections (structured OBS) "
                 "on the calibration data before they are scored again"})
     finalists: int = field(default=1, metadata={"help": "best candidates that get the recovery and are re-scored"})
+    finalist_per_kind: bool = field(default=True, metadata={
+        "help": "with a recovery, also recover the best candidate of every kind of shape (the set of axes it "
+                "shrinks): OBS repairs heads and FFN neurons far more than dropped layers or hidden channels, so "
+                "the unrecovered ranking would hide the kinds it helps most"})
     recovery_examples: int = field(default=128, metadata={"help": "calibration examples the recovery uses"})
     seq_len: int = field(default=128, metadata={"help": "sequence length of the MACs and latency budgets"})
     context: int = field(default=4096, metadata={"help": "memory budget: KV cache tokens per sequence"})

@@ -76,6 +76,25 @@ def split_examples(batches: list, n: int) -> tuple:
     return rebatch(rows[:-n]), rebatch(rows[-n:])
 
 
+def shape_kind(shape: dict, dense: dict) -> tuple:
+    """The axes a candidate shrinks (fields of :class:`~.enumerate.Shape` below the dense model's)."""
+    return tuple(k for k, v in shape.items() if v is not None and dense.get(k) is not None and v < dense[k])
+
+
+def finalist_rows(rows: list, dense: dict, best: int, per_kind: bool) -> list:
+    """Indices (into ``rows``, best score first) of the candidates to recover: the ``best`` first ones, and with
+    ``per_kind`` the first of every kind of shape (see :func:`shape_kind`) not already among them."""
+    chosen = list(range(min(best, len(rows))))
+    if per_kind:
+        seen = {shape_kind(rows[i]["shape"], dense) for i in chosen}
+        for i, row in enumerate(rows):
+            kind = shape_kind(row["shape"], dense)
+            if kind not in seen:
+                seen.add(kind)
+                chosen.append(i)
+    return chosen
+
+
 def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, latency_table=None,
            apply: bool = True) -> SearchResult:
     """Search shapes under ``config``'s budget and prune ``model`` in place to the best (``apply=False``: leave
@@ -144,12 +163,13 @@ def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, 
         chosen, built = 0, {}
         timings["candidates"] = time.perf_counter() - start - sum(timings.values())
         if config.recovery != "none":
-            for i in range(min(config.finalists, len(rows))):
+            finalists = finalist_rows(rows, geo.dense_shape().to_dict(), config.finalists, config.finalist_per_kind)
+            for i in finalists:
                 result, cached, built[i] = evaluate_plan(target, rows[i]["plan"], held_out, cache, config.recovery,
                                                          calibration, config.recovery_examples, keep=apply)
                 rows[i]["recovered_score"] = result[config.metric]
                 evaluated, hits = evaluated + (not cached), hits + cached
-            chosen = min(range(min(config.finalists, len(rows))), key=lambda i: rows[i]["recovered_score"])
+            chosen = min(finalists, key=lambda i: rows[i]["recovered_score"])
             timings["recovery"] = time.perf_counter() - start - sum(timings.values())
         plan = rows[chosen]["plan"]
         for row in rows:
