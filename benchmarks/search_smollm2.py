@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--criterion", default="fluctuation", help="heads/FFN criterion")
     p.add_argument("--recovery", default="obs", choices=("none", "obs"))
     p.add_argument("--finalists", type=int, default=1)
+    p.add_argument("--per-layer", action="store_true", help="the searched row also builds per-layer candidates")
+    p.add_argument("--layer-ladder", default="0.875,0.75,0.625,0.5,0.375,0.25", help="per-layer FFN fractions")
     p.add_argument("--no-per-kind", dest="per_kind", action="store_false",
                    help="recover only the best --finalists (not also the best of every kind of shape)")
     p.add_argument("--recovery-examples", type=int, default=16)
@@ -147,6 +149,8 @@ def merge(args) -> None:
                 label = (f"{recovered} recovered: best {finalists} + best of each kind"
                          if record["search"]["config"].get("finalist_per_kind") else
                          f"{finalists} finalist{'s' if finalists > 1 else ''}")
+                if record["search"]["config"].get("per_layer"):
+                    label += "; per-layer candidates too"
                 record = {**record, "row": f"searched ({label})"}
             records.append(record)
             rows.append({k: v for k, v in record.items() if k != "search"})
@@ -196,6 +200,7 @@ def main(argv=None) -> None:
                                         "heads": grid(args.heads_grid)},
                                   eval_examples=args.eval_blocks, recovery=args.recovery, finalists=args.finalists,
                                   finalist_per_kind=args.per_kind, recovery_examples=args.recovery_examples,
+                                  per_layer=args.per_layer and name == "searched", layer_ladder=grid(args.layer_ladder),
                                   cache_dir=str(ROOT / args.cache_dir))
             model = copy.deepcopy(dense_model)
             t = time.perf_counter()

@@ -3,7 +3,7 @@
 
     hfprune search MODEL_DIR --output DIR (--params_ratio R | --macs_ratio R | --memory_ratio R | --latency_ratio R)
                    [--axes depth,hidden,heads,ffn,experts] [--grid depth=1,0.9,0.8 --grid hidden=1,0.9]
-                   [--criterion activation] [--recovery none|obs] [--finalists 1] [--no_finalist_per_kind]
+                   [--criterion activation] [--recovery none|obs] [--finalists 1] [--no_finalist_per_kind] [--per_layer]
                    [--context 4096] [--kv_batch 1]
                    [--data bbc_news | --data_files FILE ... | --dataset NAME] [--text_column text]
                    [--max_length 128] [--calibration_rows 64] [--eval_rows 8] [--cache_dir DIR] [--no-plots]
@@ -47,6 +47,9 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--expert_criterion", default="reap")
     parser.add_argument("--recovery", default="none", help="none or obs (structured OBS on the finalists)")
     parser.add_argument("--finalists", type=int, default=1)
+    parser.add_argument("--per_layer", action="store_true", help="also per-layer candidates: FFN width and KV "
+                        "groups per layer by a knapsack over measured layer sensitivities (remote-code checkpoints)")
+    parser.add_argument("--layer_ladder", default=None, help="per-layer FFN fractions, e.g. 0.75,0.5,0.25")
     parser.add_argument("--no_finalist_per_kind", dest="finalist_per_kind", action="store_false",
                         help="recover only the best --finalists, not also the best candidate of every kind of shape")
     parser.add_argument("--seq_len", type=int, default=128, help="MACs and latency counted at this length")
@@ -95,12 +98,19 @@ def search_config(args):
     if args.distill_steps < 0 or not args.distill_lr > 0:
         raise ValueError(f"--distill_steps {args.distill_steps} must be >= 0 and --distill_lr {args.distill_lr} > 0")
     cache = args.cache_dir if args.cache_dir is not None else os.path.join(args.output, "search_cache")
+    extra = {}
+    if args.layer_ladder is not None:
+        try:
+            extra["layer_ladder"] = [float(v) for v in args.layer_ladder.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--layer_ladder {args.layer_ladder!r}: write fractions, e.g. 0.75,0.5,0.25") from None
     return SearchConfig(ratio=getattr(args, given[0]), budget=given[0].removesuffix("_ratio"), axes=args.axes,
                         grid=grid, criterion=args.criterion, hidden_criterion=args.hidden_criterion,
                         expert_criterion=args.expert_criterion, recovery=args.recovery, finalists=args.finalists,
                         finalist_per_kind=args.finalist_per_kind, eval_examples=args.eval_rows,
                         seq_len=args.seq_len, context=args.context,
-                        kv_batch=args.kv_batch, round_to=args.round_to, seed=args.seed, cache_dir=cache)
+                        kv_batch=args.kv_batch, round_to=args.round_to, seed=args.seed, cache_dir=cache,
+                        per_layer=args.per_layer, **extra)
 
 
 def main(args) -> int:

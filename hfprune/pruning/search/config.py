@@ -54,6 +54,12 @@ class SearchConfig:
     eval_examples: int = field(default=8, metadata={
         "help": "held-out examples each candidate is scored on (the last ones of the calibration data unless eval "
                 "data is given)"})
+    per_layer: bool = field(default=False, metadata={
+        "help": "also build per-layer candidates: FFN width and key/value groups chosen per layer by a knapsack over "
+                "each layer's measured sensitivity (remote-code checkpoints; hfprune.pruning.search.per_layer)"})
+    layer_ladder: tuple = field(default=(0.875, 0.75, 0.625, 0.5, 0.375, 0.25), metadata={
+        "help": "per-layer candidates: the FFN fractions a layer may keep (each layer's sensitivity is measured at "
+                "every one)"})
     recovery: str = field(default="none", metadata={
         "help": f"one of {RECOVERY}: obs reconstructs the finalists' output projections (structured OBS) "
                 "on the calibration data before they are scored again"})
@@ -106,6 +112,13 @@ class SearchConfig:
                     raise ValueError(f"grid[{axis!r}]: {v!r} is not a kept fraction in (0, 1]")
             grid[axis] = tuple(sorted({float(v) for v in values}, reverse=True))
         self.grid = grid
+        ladder = self.layer_ladder
+        if not isinstance(ladder, (list, tuple)) or not ladder or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 1 for v in ladder):
+            raise ValueError(f"layer_ladder={ladder!r} must be a non-empty list of FFN fractions in (0, 1)")
+        self.layer_ladder = tuple(sorted({float(v) for v in ladder}, reverse=True))
+        if not isinstance(self.per_layer, bool):
+            raise ValueError(f"per_layer={self.per_layer!r} must be True or False")
         from ..importance import supported_importance
         from ..importance.hidden import HIDDEN_CRITERIA
 
@@ -145,4 +158,5 @@ class SearchConfig:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["axes"] = list(self.axes)
         out["grid"] = {k: list(v) for k, v in self.grid.items()}
+        out["layer_ladder"] = list(self.layer_ladder)
         return out

@@ -37,9 +37,19 @@ class Shape:
     groups: int | None = None
     ffn: int | None = None
     experts: int | None = None
+    # per-layer shapes (:mod:`.per_layer`): a count per dense layer (a dropped layer's is ignored); ``groups`` and
+    # ``ffn`` are then the means over the kept layers, for the table
+    groups_layers: tuple | None = None
+    ffn_layers: tuple | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        return {k: v for k, v in out.items() if not k.endswith("_layers") or v is not None}
+
+    def count(self, name: str, i: int) -> int | None:
+        """Layer ``i``'s kept ``groups`` or ``ffn``."""
+        per = getattr(self, f"{name}_layers")
+        return per[i] if per is not None else getattr(self, name)
 
 
 FIELD = {"depth": "layers", "hidden": "hidden", "heads": "groups", "ffn": "ffn", "experts": "experts"}
@@ -145,12 +155,13 @@ def build_plan(geo: Geometry, scores: dict, shape: Shape) -> PrunePlan:
     for i, entry in enumerate(entries):
         if entry.get("drop"):
             continue
-        if shape.groups is not None and shape.groups < geo.groups:
+        groups, ffn = shape.count("groups", i), shape.count("ffn", i)
+        if groups is not None and groups < geo.groups:
             group = geo.heads // geo.groups
             s = blocks[("layers", i, "heads")].float().reshape(geo.groups, group).sum(1)
-            entry["heads"] = [g * group + j for g in _top(s, shape.groups) for j in range(group)]
-        if shape.ffn is not None and shape.ffn < geo.ffn:
-            entry["ffn"] = _top(blocks[("layers", i, "ffn")], shape.ffn)
+            entry["heads"] = [g * group + j for g in _top(s, groups) for j in range(group)]
+        if ffn is not None and ffn < geo.ffn:
+            entry["ffn"] = _top(blocks[("layers", i, "ffn")], ffn)
         if shape.experts is not None and shape.experts < geo.experts:
             entry["experts"] = _top(scores["experts"][("layers", i, "experts")], shape.experts)
     data = {"layers": entries, "model_type": geo.model_type}
@@ -174,8 +185,10 @@ class Meter:
         est = cost.estimate(self.model, plan, seq_len=self.config.seq_len)
         kv = 0
         if self.geo.groups:  # k and v, per kept layer, per key/value head
-            kv = (2 * shape.layers * shape.groups * self.geo.head_dim * self.config.context * self.config.kv_batch
-                  * self.bytes)
+            dropped = [plan is not None and plan.layers[i] is not None and plan.layers[i].drop
+                       for i in range(self.geo.layers)]
+            heads = sum(shape.count("groups", i) for i in range(self.geo.layers) if not dropped[i])
+            kv = 2 * heads * self.geo.head_dim * self.config.context * self.config.kv_batch * self.bytes
         out = {"params": est.params, "macs": est.macs, "memory": est.params * self.bytes + kv}
         if self.latency is not None:
             out["latency"] = self.latency.predict(self._counts(plan, shape))
@@ -192,9 +205,9 @@ class Meter:
             if layer is not None and layer.drop:
                 counts[key] = 0
             elif block == "heads" and shape.groups is not None:
-                counts[key] = shape.groups * (self.geo.heads // self.geo.groups)
+                counts[key] = shape.count("groups", i) * (self.geo.heads // self.geo.groups)
             elif block == "ffn" and shape.ffn is not None:
-                counts[key] = shape.ffn
+                counts[key] = shape.count("ffn", i)
         return counts
 
 
@@ -263,9 +276,14 @@ def fraction_label(shape: Shape, geo: Geometry) -> str:
     parts = [f"{shape.layers} layers"]
     if shape.hidden is not None:
         parts.append(f"hidden {shape.hidden}")
-    if shape.groups is not None:
+    per = {n: getattr(shape, f"{n}_layers") for n in ("groups", "ffn")}
+    if shape.groups is not None and per["groups"] is not None:
+        parts.append(f"KV {min(per['groups'])}-{max(per['groups'])} per layer (mean {shape.groups})")
+    elif shape.groups is not None:
         parts.append(f"{shape.groups * (geo.heads // geo.groups)} heads / {shape.groups} KV")
-    if shape.ffn is not None:
+    if shape.ffn is not None and per["ffn"] is not None:
+        parts.append(f"FFN {min(per['ffn'])}-{max(per['ffn'])} per layer (mean {shape.ffn})")
+    elif shape.ffn is not None:
         parts.append(f"FFN {shape.ffn}")
     if shape.experts is not None:
         parts.append(f"{shape.experts} experts")

@@ -14,6 +14,7 @@ from torch import nn
 from ...core.apply import unwrap
 from ...core.calibration import calibration_batches, check_batches
 from ...core.plan import PrunePlan
+from . import per_layer
 from .cache import SearchCache, data_fingerprint, digest, model_fingerprint
 from .config import SearchConfig
 from .enumerate import Meter, enumerate_candidates, fraction_label, geometry
@@ -77,8 +78,10 @@ def split_examples(batches: list, n: int) -> tuple:
 
 
 def shape_kind(shape: dict, dense: dict) -> tuple:
-    """The axes a candidate shrinks (fields of :class:`~.enumerate.Shape` below the dense model's)."""
-    return tuple(k for k, v in shape.items() if v is not None and dense.get(k) is not None and v < dense[k])
+    """The axes a candidate shrinks (fields of :class:`~.enumerate.Shape` below the dense model's), and
+    ``per_layer`` for a per-layer candidate."""
+    kind = tuple(k for k, v in shape.items() if k in dense and v is not None and dense[k] is not None and v < dense[k])
+    return kind + (("per_layer",) if any(k.endswith("_layers") for k in shape) else ())
 
 
 def finalist_rows(rows: list, dense: dict, best: int, per_kind: bool) -> list:
@@ -128,6 +131,9 @@ def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, 
     else:
         held_out = [dict(b) for b in calibration_batches(check_batches(target, eval_data, what="evaluation"))]
     geo = geometry(target, config)  # refuses a model the search cannot describe, before any pass
+    if config.per_layer and not per_layer.layer_axes(config, geo):
+        raise ValueError(f"per_layer=True varies the FFN width or key/value groups per layer; axes={config.axes} "
+                         f"with this {geo.model_type} model (it has {list(geo.present)}) searches neither")
     if config.budget == "latency" and latency_table is None:
         from ..latency import measure
 
@@ -149,6 +155,13 @@ def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, 
         if dense is None:
             dense = evaluate(target, held_out)
             cache.put_eval("dense", dense)
+        per_layer_evals = 0
+        if config.per_layer:
+            sens = per_layer.sensitivities(target, geo, scores, config, held_out, cache, dense["nll"])
+            candidates += per_layer.per_layer_candidates(target, geo, scores, config, meter, sens,
+                                                         per_layer.bases(geo, config))
+            timings["per_layer"] = time.perf_counter() - start - sum(timings.values())
+            per_layer_evals = len(sens)
         rows, evaluated, hits = [], 0, 0
         for n, cand in enumerate(candidates):
             result, cached, _ = evaluate_plan(target, cand.plan, held_out, cache)
@@ -185,7 +198,7 @@ def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, 
     for i, row in enumerate(rows):
         row["chosen"] = i == chosen
     cached_passes = [p for p in dict.fromkeys(scores) if p not in ran]
-    extra = {"timings": timings, "budget_dense": meter.dense, "budget_limit": config.ratio * meter.dense, "geometry": {
+    extra = {"timings": timings, "per_layer_evaluations": per_layer_evals, "budget_dense": meter.dense, "budget_limit": config.ratio * meter.dense, "geometry": {
         "layers": geo.layers, "hidden": geo.hidden, "heads": geo.heads, "kv_groups": geo.groups, "ffn": geo.ffn,
         "experts": geo.experts}}
     return SearchResult(config, rows, chosen, plan, dense, ran, cached_passes, evaluated, hits,
