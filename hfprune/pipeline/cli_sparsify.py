@@ -4,6 +4,7 @@
     hfprune sparsify MODEL_DIR --output DIR [--criterion wanda] [--sparsity 0.5] [--pattern 2:4] [--ratios owl]
                      [--compact] [--data_files FILE ... | --dataset NAME [--dataset_config C] [--split S] |
                      --data bbc_news] [--text_column text] [--max_length 128] [--calibration_rows 128]
+                     [--sequential | --no-sequential] [--dtype bfloat16] [--offload_dir DIR]
 
 Calibration text (for wanda, sparsegpt, movement, --ratios owl) comes from the same data options as ``hfprune
 prune`` (``--data_files`` / ``--dataset``), or ``--data bbc_news`` (the offline BBC asset): the train split's text,
@@ -11,6 +12,11 @@ tokenised with the model's tokenizer, packed into ``--max_length`` blocks for a 
 The model loads with ``hfprune.from_pretrained`` (no code from the checkpoint runs); the output is an ordinary
 checkpoint with zeros in place (``--compact``: bit masks plus kept values, for ``hfprune.from_pretrained``), the
 tokenizer, and ``sparsity_plan.json``. Prints the per-layer sparsity table.
+
+``--sequential`` sparsifies the checkpoint layer by layer from disk
+(:func:`hfprune.pruning.sparsity.sequential.sparsify_sequential`: the same weights, never the whole model in
+memory); neither flag: layer by layer when the weights would not fit in memory comfortably, as ``hfprune prune``
+decides (``--dtype`` or ``--offload_dir`` imply ``--sequential``).
 """
 
 from __future__ import annotations
@@ -50,6 +56,14 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max_length", type=int, default=128, help="tokens per calibration row / block")
     parser.add_argument("--calibration_rows", type=int, default=128, help="calibration rows (blocks) used")
     parser.add_argument("--seed", type=int, default=0)
+    path = parser.add_mutually_exclusive_group()
+    path.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                      help="sparsify layer by layer from disk (default: when the model would not fit in memory)")
+    path.add_argument("--no-sequential", dest="sequential", action="store_false", help="load the whole model")
+    parser.add_argument("--dtype", default=None, help="layer by layer: load and prune in this dtype (float32, "
+                        "bfloat16, float16; default: the checkpoint's)")
+    parser.add_argument("--offload_dir", "--offload-dir", dest="offload_dir", default=None,
+                        help="layer by layer: keep the calibration activations in this folder")
     return parser
 
 
@@ -72,17 +86,31 @@ def main(args) -> int:
                             ratios=args.ratios, targets=args.targets, seed=args.seed)  # bad flags: before loading
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")
+    sequential = _choose_path(args, config)
     texts = calibration_texts(args)
     if config.needs_data and texts is None:
         raise ValueError(f"--criterion {args.criterion} / --ratios {args.ratios} need calibration text: add "
                          "--data_files, --dataset or --data bbc_news")
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from ..core.checkpoint.load import from_pretrained
 
-    model = from_pretrained(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    batches = None if texts is None else _batches(model, tokenizer, texts, args)
+    if sequential:
+        from ..pruning.sparsity.sequential import sparsify_sequential
+
+        causal = any(a.endswith("ForCausalLM") for a in AutoConfig.from_pretrained(args.model_dir).architectures or [])
+        batches = None if texts is None else _batches(causal, tokenizer, texts, args)
+        result = sparsify_sequential(args.model_dir, batches, config, args.output, dtype=args.dtype,
+                                     offload_dir=args.offload_dir, compact=args.compact,
+                                     stage=lambda folder, _result: tokenizer.save_pretrained(folder))
+        print(result.to_markdown())
+        print(f"\n{config.criterion}, {config.pattern}: sparsity {result.plan.sparsity:.4f} in {result.seconds:.1f} "
+              f"s, layer by layer; saved to {args.output}{' (compact)' if args.compact else ''}")
+        return 0
+    model = from_pretrained(args.model_dir)
+    batches = None if texts is None else _batches(type(model).__name__.endswith("ForCausalLM"), tokenizer, texts,
+                                                  args)
     result = sparsify(model, batches, config)
     save_sparse(model, args.output, compact=args.compact)
     tokenizer.save_pretrained(args.output)
@@ -92,10 +120,27 @@ def main(args) -> int:
     return 0
 
 
-def _batches(model, tokenizer, texts: list, args, batch_size: int = 8) -> list:
+def _choose_path(args, config) -> bool:
+    """Layer by layer or in memory, as ``hfprune prune`` decides (:func:`~hfprune.pipeline.sequential_run.choose_path`),
+    logged with the reason; bad ``--dtype`` / ``--offload_dir`` refused before any data is read."""
+    import logging
+
+    from .sequential_run import check_options, choose_path
+
+    layerwise_only = args.dtype is not None or args.offload_dir is not None
+    requested = True if args.sequential is None and layerwise_only else args.sequential
+    sequential, why = choose_path(requested, config, args.model_dir)
+    if not sequential and layerwise_only:
+        raise ValueError("--dtype and --offload_dir apply to layer-by-layer sparsity; drop --no-sequential")
+    check_options(args.dtype, args.offload_dir)
+    logging.getLogger("hfprune").info("%s path: %s", "layer-by-layer" if sequential else "in-memory", why)
+    return sequential
+
+
+def _batches(causal: bool, tokenizer, texts: list, args, batch_size: int = 8) -> list:
     import torch
 
-    if type(model).__name__.endswith("ForCausalLM"):
+    if causal:
         from ..data.text import pack
 
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -59,8 +59,11 @@ def choose_path(requested: bool | None, config, model_dir, names=("--sequential"
     in-memory run comfortably). A forced ``--sequential`` the settings do not allow is a ``ValueError``.
     ``names``: how the reason and the error call the two choices (the command-line flags, or recipe keys)."""
     from ..pruning.sequential import sequential_problem
+    from ..pruning.sparsity.config import SparsityConfig
+    from ..pruning.sparsity.sequential import sparsity_problem
 
-    problem = sequential_problem(config)
+    # hfprune sparsify asks too: a SparsityConfig has its own list of what runs layer by layer
+    problem = sparsity_problem(config) if isinstance(config, SparsityConfig) else sequential_problem(config)
     if requested is False:
         return False, names[1]
     if requested:
@@ -73,8 +76,7 @@ def choose_path(requested: bool | None, config, model_dir, names=("--sequential"
     if free is not None and size > IN_MEMORY_SHARE * free:
         return True, (f"the weights ({size / 2**30:.2f} GiB) take more than {IN_MEMORY_SHARE:.0%} of the memory left "
                       f"to this process ({free / 2**30:.2f} GiB)")
-    return False, (f"the weights ({size / 2**30:.2f} GiB) fit in memory, where the dense model is also evaluated and "
-                   "timed; --sequential prunes layer by layer anyway")
+    return False, (f"the weights ({size / 2**30:.2f} GiB) fit in memory; {names[0]} prunes layer by layer anyway")
 
 
 def recipe_choice(recipe, model_dir, save: bool = True) -> bool:

@@ -198,7 +198,8 @@ def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, 
     for i, row in enumerate(rows):
         row["chosen"] = i == chosen
     cached_passes = [p for p in dict.fromkeys(scores) if p not in ran]
-    extra = {"timings": timings, "per_layer_evaluations": per_layer_evals, "budget_dense": meter.dense, "budget_limit": config.ratio * meter.dense, "geometry": {
+    extra = {"timings": timings, "per_layer_evaluations": per_layer_evals, "budget_dense": meter.dense,
+             "budget_limit": config.ratio * meter.dense, "geometry": {
         "layers": geo.layers, "hidden": geo.hidden, "heads": geo.heads, "kv_groups": geo.groups, "ffn": geo.ffn,
         "experts": geo.experts}}
     return SearchResult(config, rows, chosen, plan, dense, ran, cached_passes, evaluated, hits,

@@ -57,9 +57,9 @@ def outlier_ratio(scores: list, threshold: float) -> float:
 # -- calibration passes ----------------------------------------------------------------------------
 
 
-def _stats_hooks(modules: dict, kind: str, current: dict, stats: dict) -> list:
+def stats_hooks(modules: dict, kind: str, current: dict, stats: dict) -> list:
     """Forward pre-hooks adding each module's input to ``stats[name]``: summed squares per column (``"norms"``) or
-    ``X^T X`` (``"hessian"``)."""
+    ``X^T X`` (``"hessian"``). Also used by the layer-by-layer path from disk (:mod:`.sequential`)."""
     def make(name):
         def hook(_m, args, kwargs):
             raw = args[0] if args else kwargs["input"]
@@ -84,7 +84,7 @@ def column_norms(model: nn.Module, batches: list, targets: list) -> dict:
     """``{weight name: summed squared inputs per column}`` over ``batches`` in one pass of the unchanged model."""
     stats: dict = {}
     current: dict = {}
-    handles = _stats_hooks({t.name: t.module for t in targets}, "norms", current, stats)
+    handles = stats_hooks({t.name: t.module for t in targets}, "norms", current, stats)
     try:
         with torch.no_grad():
             for batch in iterate(batches, "input norms"):
@@ -120,7 +120,7 @@ def layerwise(model: nn.Module, batches: list, groups: dict, kind: str, prune_la
                     if targets:
                         stats: dict = {}
                         current: dict = {}
-                        handles = _stats_hooks({t.name: t.module for t in targets}, kind, current, stats)
+                        handles = stats_hooks({t.name: t.module for t in targets}, kind, current, stats)
                         try:
                             for h, c, batch in zip(hidden, calls, batches):
                                 current.update(batch=batch, last=None)

@@ -133,7 +133,11 @@ def _layer_sparsity(model, batches, targets, groups, config: SparsityConfig, spa
     return out
 
 
-def _run(model, batches, targets, groups, config: SparsityConfig, layer_sparsity: dict, masks: dict) -> None:
+def layer_pruner(config: SparsityConfig, layer_sparsity: dict, masks: dict) -> tuple:
+    """``(statistics kind, prune_layer(targets, stats))`` of a layer-wise criterion (``wanda``: ``"norms"``,
+    ``sparsegpt``: ``"hessian"``): ``prune_layer`` masks (and for SparseGPT updates) one layer's targets in place
+    and records their masks in ``masks``. Shared by :func:`sparsify` and the layer-by-layer path from disk
+    (:mod:`.sequential`), so both prune a layer the same way."""
     pattern = config.parsed_pattern
     if config.criterion == "sparsegpt":
         def prune_layer(layer_targets, stats):
@@ -144,8 +148,7 @@ def _run(model, batches, targets, groups, config: SparsityConfig, layer_sparsity
                 w.copy_(new.to(w.dtype))
                 masks[t.name] = keep.cpu()
 
-        layerwise(model, batches, groups, "hessian", prune_layer)
-        return
+        return "hessian", prune_layer
     if config.criterion == "wanda":
         def prune_layer(layer_targets, stats):
             for t in layer_targets:
@@ -153,7 +156,15 @@ def _run(model, batches, targets, groups, config: SparsityConfig, layer_sparsity
                 masks[t.name] = mask_for(scores, pattern, layer_sparsity[t.layer], per_row=True).cpu()
             apply_masks(layer_targets, masks)
 
-        layerwise(model, batches, groups, "norms", prune_layer)
+        return "norms", prune_layer
+    raise ValueError(f"criterion {config.criterion!r} is not layer-wise; 'wanda' and 'sparsegpt' are")
+
+
+def _run(model, batches, targets, groups, config: SparsityConfig, layer_sparsity: dict, masks: dict) -> None:
+    pattern = config.parsed_pattern
+    if config.criterion in ("sparsegpt", "wanda"):
+        kind, prune_layer = layer_pruner(config, layer_sparsity, masks)
+        layerwise(model, batches, groups, kind, prune_layer)
         return
     if config.criterion == "movement":
         scores = movement_scores(model, batches, targets)
