@@ -77,18 +77,7 @@ def sparsify(model: nn.Module, calibration: Iterable | None = None, config: Spar
         raise TypeError(f"config must be a hfprune SparsityConfig, got {type(config).__name__}")
     target = as_model(model)
     pattern, sparsity = config.parsed_pattern, config.resolved_sparsity
-    targets = find_targets(target, config.targets)
-    if not targets:
-        raise ValueError(f"{type(target).__name__} has no attention or FFN projection to sparsify")
-    for t in targets:
-        check_shape(t.shape, pattern, t.name)
-    if config.needs_data and calibration is None:
-        why = f"criterion {config.criterion!r}" if config.ratios != "owl" else "ratios='owl'"
-        raise ValueError(f"{why} needs calibration batches; pass them, or use criterion 'magnitude' or 'random' "
-                         "with ratios='uniform'")
-    if config.criterion in ("wanda", "sparsegpt") and any(t.layer is None for t in targets):
-        raise ValueError(f"criterion {config.criterion!r} runs layer by layer over the blocks; the head is outside "
-                         "them: use targets='blocks'")
+    targets = checked_targets(target, config, calibration)
     batches = None
     if calibration is not None:
         calibration = check_batches(target, calibration, tokenizer)
@@ -113,6 +102,25 @@ def sparsify(model: nn.Module, calibration: Iterable | None = None, config: Spar
     setattr(target, PLAN_ATTRIBUTE, plan)
     return SparsityResult(plan, model, time.perf_counter() - start, masks,
                           {_layer_name(k): v for k, v in layer_sparsity.items()})
+
+
+def checked_targets(model: nn.Module, config: SparsityConfig, calibration) -> list:
+    """The weights ``config`` sparsifies in ``model``, after the checks that need no data: there are some, the
+    pattern fits each, calibration is there when the criterion or ratios need it, and a layer-wise criterion does
+    not target the head. Shared by :func:`sparsify` and the layer-by-layer path from disk (a meta model)."""
+    targets = find_targets(model, config.targets)
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no attention or FFN projection to sparsify")
+    for t in targets:
+        check_shape(t.shape, config.parsed_pattern, t.name)
+    if config.needs_data and calibration is None:
+        why = f"criterion {config.criterion!r}" if config.ratios != "owl" else "ratios='owl'"
+        raise ValueError(f"{why} needs calibration batches; pass them, or use criterion 'magnitude' or 'random' "
+                         "with ratios='uniform'")
+    if config.criterion in ("wanda", "sparsegpt") and any(t.layer is None for t in targets):
+        raise ValueError(f"criterion {config.criterion!r} runs layer by layer over the blocks; the head is outside "
+                         "them: use targets='blocks'")
+    return targets
 
 
 def _layer_name(key) -> str:

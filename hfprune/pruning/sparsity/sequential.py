@@ -35,9 +35,9 @@ from ..seqio import HiddenStore, ShardWriter, check_writable
 from ..sequential import check_family, record_first_calls
 from .config import SparsityConfig
 from .criteria import magnitude_scores, outlier_ratio, owl_sparsities, random_scores, stats_hooks, wanda_scores
-from .oneshot import PLAN_ATTRIBUTE, SparsityResult, layer_pruner
-from .patterns import check_shape, mask_for
-from .targets import SparsityPlan, Target, apply_masks, find_targets, layer_groups, plan_from_weights
+from .oneshot import PLAN_ATTRIBUTE, SparsityResult, checked_targets, layer_pruner
+from .patterns import mask_for
+from .targets import SparsityPlan, Target, apply_masks, layer_groups, plan_from_weights
 
 LAYERWISE = ("magnitude", "random", "wanda", "sparsegpt")  # what this path runs
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
@@ -97,19 +97,7 @@ def sparsify_sequential(model_dir, calibration, config: SparsityConfig, output_d
     lazy = LazyModel(model_dir, dtype=dtype, device=device)
     model = lazy.model
     stack_key, _, layers = check_family(model)
-    pattern = config.parsed_pattern
-    targets = find_targets(model, config.targets)
-    if not targets:
-        raise ValueError(f"{type(model).__name__} has no attention or FFN projection to sparsify")
-    for t in targets:
-        check_shape(t.shape, pattern, t.name)
-    if config.needs_data and calibration is None:
-        why = f"criterion {config.criterion!r}" if config.ratios != "owl" else "ratios='owl'"
-        raise ValueError(f"{why} needs calibration batches; pass them, or use criterion 'magnitude' or 'random' "
-                         "with ratios='uniform'")
-    if config.criterion in ("wanda", "sparsegpt") and any(t.layer is None for t in targets):
-        raise ValueError(f"criterion {config.criterion!r} runs layer by layer over the blocks; the head is outside "
-                         "them: use targets='blocks'")
+    targets = checked_targets(model, config, calibration)
     batches = []
     if calibration is not None:
         calibration = check_batches(model, calibration, tokenizer)
