@@ -159,6 +159,36 @@ def test_sparsegpt_update_beats_zeroing_the_same_weights():
         assert err_obs < 0.8 * err_zero, pattern
 
 
+def test_sparsegpt_in_place_gives_the_same_numbers():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(128, 32, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 32, generator=g, dtype=torch.float64)
+    h = x.T @ x
+    for pattern in ("unstructured", "2:4"):
+        want = sparsegpt_prune(w, h, parse_pattern(pattern), 0.5, block_size=8)
+        before = h.clone()
+        assert torch.equal(sparsegpt_prune(w, h, parse_pattern(pattern), 0.5, block_size=8)[0], want[0])
+        assert torch.equal(h, before)  # not overwritten unless asked
+        got = sparsegpt_prune(w, h.clone(), parse_pattern(pattern), 0.5, block_size=8, overwrite=True)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_shared_hessians_are_not_overwritten_before_their_last_projection(monkeypatch):
+    import hfprune.pruning.sparsity.oneshot as oneshot
+
+    real, calls = oneshot.sparsegpt_prune, []
+
+    def record(weight, hessian, *args, overwrite=False, **kwargs):
+        calls.append((id(hessian), overwrite, hessian.clone()))
+        return real(weight, hessian, *args, overwrite=overwrite, **kwargs)
+
+    monkeypatch.setattr(oneshot, "sparsegpt_prune", record)
+    sparsify(_llama(7), _batches(2, seed=7), SparsityConfig(criterion="sparsegpt", sparsity=0.5))
+    # per layer q, k, v (one input), o, gate, up (one input), down: only the last reader of each input overwrites
+    assert [o for _, o, _ in calls[:7]] == [False, False, True, True, False, True, True]
+    assert torch.equal(calls[0][2], calls[2][2]) and calls[0][0] == calls[2][0]  # v saw q's Hessian unchanged
+
+
 def test_sparsegpt_on_one_column_is_the_obs_closed_form():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(50, 6, generator=g, dtype=torch.float64)

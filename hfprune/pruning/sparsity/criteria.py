@@ -64,17 +64,18 @@ def stats_hooks(modules: dict, kind: str, current: dict, stats: dict) -> list:
         def hook(_m, args, kwargs):
             raw = args[0] if args else kwargs["input"]
             last = current.get("last")
-            # q/k/v (gate/up) read one tensor: computed once (compared before .detach(), which makes a new object)
+            # q/k/v (gate/up) read one tensor: one sum for all of them (compared before .detach(), which makes a
+            # new object), added to once per batch: 4 float64 Hessians per Llama layer instead of 7
             if last is not None and last[0] is raw:
-                stats[name] = stats.get(name, 0) + last[1]
+                stats.setdefault(name, stats[last[1]])
                 return
             x = raw.detach()
-            if kind == "hessian":
-                term = accumulate_hessian(None, x, current["batch"])
+            current["last"] = (raw, name)
+            if kind == "hessian":  # in place after the first batch: no second (in, in) float64 sum alive
+                stats[name] = accumulate_hessian(stats.get(name), x, current["batch"])
             else:
                 term = token_rows(x, current["batch"]).float().pow(2).sum(0)
-            current["last"] = (raw, term)
-            stats[name] = stats.get(name, 0) + term
+                stats[name] = stats[name].add_(term) if name in stats else term
         return hook
 
     return [m.register_forward_pre_hook(make(name), with_kwargs=True) for name, m in modules.items()]

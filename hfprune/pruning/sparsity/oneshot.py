@@ -149,10 +149,15 @@ def layer_pruner(config: SparsityConfig, layer_sparsity: dict, masks: dict) -> t
     pattern = config.parsed_pattern
     if config.criterion == "sparsegpt":
         def prune_layer(layer_targets, stats):
-            for t in layer_targets:
+            for n, t in enumerate(layer_targets):
                 w = t.weight()
-                new, keep = sparsegpt_prune(w.detach(), stats[t.name], pattern, layer_sparsity[t.layer],
-                                            config.block_size, config.damp)
+                # projections reading one input (q/k/v, gate/up) share one Hessian: the last of them prunes in its
+                # storage, so it is never copied more than once and is released before the next input's turn
+                hessian = stats.pop(t.name)
+                last = all(stats.get(o.name) is not hessian for o in layer_targets[n + 1:])
+                new, keep = sparsegpt_prune(w.detach(), hessian, pattern, layer_sparsity[t.layer],
+                                            config.block_size, config.damp, overwrite=last)
+                del hessian
                 w.copy_(new.to(w.dtype))
                 masks[t.name] = keep.cpu()
 
