@@ -152,6 +152,8 @@ def merge(args) -> None:
                 if record["search"]["config"].get("per_layer"):
                     label += "; per-layer candidates too"
                 record = {**record, "row": f"searched ({label})"}
+            if "not a plain checkpoint" in record.get("plain", ""):  # per-layer widths: the generated modeling code
+                record = {**record, "plain": "no (remote code)"}
             records.append(record)
             rows.append({k: v for k, v in record.items() if k != "search"})
     meta = {**meta, "runs": runs}
