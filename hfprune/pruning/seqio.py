@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,3 +96,22 @@ class ShardWriter:
         self.pending.rmdir()
         index = {"metadata": {"total_size": self.size}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+@contextmanager
+def layer_pass(model, offload_dir=None):
+    """What a layer-by-layer pass over ``model`` runs under; yields ``(store, use_cache)``: a :class:`HiddenStore`
+    for the calibration hidden states (on disk with ``offload_dir``; closed afterwards) and the config's own
+    ``use_cache``, which is off meanwhile (a KV cache would grow with every replayed layer) and restored after, as
+    is autograd, which is off."""
+    use_cache = getattr(model.config, "use_cache", None)
+    store = HiddenStore(offload_dir)
+    try:
+        if use_cache is not None:
+            model.config.use_cache = False
+        with torch.no_grad():
+            yield store, use_cache
+    finally:
+        store.close()
+        if use_cache is not None:
+            model.config.use_cache = use_cache

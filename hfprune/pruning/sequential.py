@@ -46,7 +46,7 @@ from .oneshot import PruneResult, check_budget, select_kept
 from .recovery.bias import add_zero_biases, bias_flags_needed, compensation
 from .recovery.obs import DAMP, reconstruct_layer
 from .recovery.tunable import tunable
-from .seqio import HiddenStore, ShardWriter, check_writable
+from .seqio import HiddenStore, ShardWriter, check_writable, layer_pass
 
 logger = logging.getLogger("hfprune")
 
@@ -151,41 +151,32 @@ def prune_sequential(model_dir, calibration, config: PruningConfig, output_dir, 
     lazy.rest_keys(layers)  # a head the checkpoint lacks: refused before any pass
     before = cost.estimate(model, seq_len=config.seq_len)
     recovery = first_examples(batches, config.recovery_examples) if mode == "obs" or config.bias_compensation else []
-    use_cache = getattr(model.config, "use_cache", None)
-    store = HiddenStore(offload_dir)
-    try:
-        if use_cache is not None:  # a KV cache would grow with every replayed layer
-            model.config.use_cache = False
-        with torch.no_grad():
-            streams = _streams(batches, recovery if config.bias_compensation else [])
-            data = criterion.signal != WEIGHTS or config.bias_compensation
-            dense_calls, calls = [], []
-            if data or mode == "obs":
-                # the embeddings serve only the first layer's inputs: record every stream's (the pruned stream
-                # starts from the same embeddings), then release them: no layer pass holds them (~18% of a 1B Llama)
-                lazy.load_rest(layers)
-                dense_calls = record_first_calls(model, layers, [b for b, _, _ in streams], store, "d") if data else []
-                calls = record_first_calls(model, layers, recovery, store, "r") if mode == "obs" else []
-                lazy.unload_rest()
-            scores, means = _statistics(lazy, stack_key, stack, layers, criterion, streams if data else [],
-                                        dense_calls, store)
-            kept, _ = select_kept(model, scores, config)
-            logger.info("sequential: plan selected from %d layers' statistics; reconstructing (%s)", len(layers), mode)
-            done: dict = {}
+    with layer_pass(model, offload_dir) as (store, use_cache):
+        streams = _streams(batches, recovery if config.bias_compensation else [])
+        data = criterion.signal != WEIGHTS or config.bias_compensation
+        dense_calls, calls = [], []
+        if data or mode == "obs":
+            # the embeddings serve only the first layer's inputs: record every stream's (the pruned stream
+            # starts from the same embeddings), then release them: no layer pass holds them (~18% of a 1B Llama)
+            lazy.load_rest(layers)
+            dense_calls = record_first_calls(model, layers, [b for b, _, _ in streams], store, "d") if data else []
+            calls = record_first_calls(model, layers, recovery, store, "r") if mode == "obs" else []
+            lazy.unload_rest()
+        scores, means = _statistics(lazy, stack_key, stack, layers, criterion, streams if data else [],
+                                    dense_calls, store)
+        kept, _ = select_kept(model, scores, config)
+        logger.info("sequential: plan selected from %d layers' statistics; reconstructing (%s)", len(layers), mode)
+        done: dict = {}
 
-            def staged(folder):  # the pruned meta model is complete; the save has not committed yet
-                after = cost.estimate(model, seq_len=config.seq_len)
-                done["result"] = PruneResult(model.hfprune_plan, model, before, after, time.perf_counter() - start,
-                                             scores, "bias" if config.bias_compensation else mode)
-                if stage is not None:
-                    stage(folder, done["result"])
+        def staged(folder):  # the pruned meta model is complete; the save has not committed yet
+            after = cost.estimate(model, seq_len=config.seq_len)
+            done["result"] = PruneResult(model.hfprune_plan, model, before, after, time.perf_counter() - start,
+                                         scores, "bias" if config.bias_compensation else mode)
+            if stage is not None:
+                stage(folder, done["result"])
 
-            _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, calls, store, output_dir,
-                         staged, use_cache)
-    finally:
-        store.close()
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+        _reconstruct(lazy, stack_key, stack, layers, kept, config, means, recovery, calls, store, output_dir,
+                     staged, use_cache)
     return done["result"]
 
 

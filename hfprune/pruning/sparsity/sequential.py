@@ -31,7 +31,7 @@ from ...core.checkpoint.sparse import SPARSITY_FILE, compress_tensors
 from ...core.checkpoint.transaction import Transaction, check_target
 from ...core.layerwise import run_layer
 from ..lazy import LazyModel, return_freed_memory
-from ..seqio import HiddenStore, ShardWriter, check_writable
+from ..seqio import HiddenStore, ShardWriter, check_writable, layer_pass
 from ..sequential import check_family, record_first_calls
 from .config import SparsityConfig
 from .criteria import magnitude_scores, outlier_ratio, owl_sparsities, random_scores, stats_hooks, wanda_scores
@@ -107,24 +107,15 @@ def sparsify_sequential(model_dir, calibration, config: SparsityConfig, output_d
             raise ValueError("the calibration data is empty")
     rest = lazy.rest_keys(layers)  # a head the checkpoint lacks: refused before any pass
     groups = layer_groups(targets)
-    use_cache = getattr(model.config, "use_cache", None)
-    store = HiddenStore(offload_dir)
-    try:
-        if use_cache is not None:  # a KV cache would grow with every replayed layer
-            model.config.use_cache = False
-        with torch.no_grad():
-            calls = []
-            if config.needs_data:  # the embeddings serve only the first layer's inputs, then go back to meta
-                lazy.load_rest(layers)
-                calls = record_first_calls(model, layers, batches, store, "h")
-                lazy.unload_rest()
-            layer_sparsity = _layer_sparsity(lazy, stack_key, layers, groups, batches, calls, store, config)
-            result = _write(lazy, stack_key, layers, rest, groups, batches, calls, store, config, layer_sparsity,
-                            output_dir, compact, keep_masks, stage, use_cache, start)
-    finally:
-        store.close()
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    with layer_pass(model, offload_dir) as (store, use_cache):
+        calls = []
+        if config.needs_data:  # the embeddings serve only the first layer's inputs, then go back to meta
+            lazy.load_rest(layers)
+            calls = record_first_calls(model, layers, batches, store, "h")
+            lazy.unload_rest()
+        layer_sparsity = _layer_sparsity(lazy, stack_key, layers, groups, batches, calls, store, config)
+        result = _write(lazy, stack_key, layers, rest, groups, batches, calls, store, config, layer_sparsity,
+                        output_dir, compact, keep_masks, stage, use_cache, start)
     result.seconds = time.perf_counter() - start
     setattr(model, PLAN_ATTRIBUTE, result.plan)
     return result
