@@ -20,7 +20,7 @@ from ..core.checkpoint.transaction import Transaction, check_target
 from ..core.layerwise import run_layer
 from .depth import depth_plan, token_influence
 from .lazy import LazyModel
-from .seqio import HiddenStore, ShardWriter, check_writable
+from .seqio import ShardWriter, check_writable, layer_pass
 from .sequential import check_family, record_first_calls, write_rest
 
 
@@ -44,33 +44,24 @@ def depth_sequential(model_dir, calibration, output_dir, *, params_ratio: float 
                num_drop=num_drop, protect=protect)  # a budget it cannot meet: refused before any pass
     lazy.rest_keys(layers)
     before = cost.estimate(model)
-    use_cache = getattr(model.config, "use_cache", None)
-    store = HiddenStore(offload_dir)
-    try:
-        if use_cache is not None:
-            model.config.use_cache = False
-        with torch.no_grad():
-            lazy.load_rest(layers)
-            batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
-            calls = record_first_calls(model, layers, batches, store, "d")
-            lazy.unload_rest()  # only the first layer's inputs needed the embeddings
-            sums = torch.zeros(len(layers), dtype=torch.float64)
-            counts = torch.zeros(len(layers), dtype=torch.float64)
-            for i in iterate(range(len(layers)), "block influence"):
-                layer = lazy.load_layer(layers, i)
-                for j, batch in enumerate(batches):
-                    hidden = store.get(f"d{j}")
-                    out = run_layer(layer, hidden, calls[j])
-                    total, n = token_influence(hidden, out, batch.get("attention_mask"))
-                    sums[i] += float(total)
-                    counts[i] += n
-                    store.put(f"d{j}", out)
-                del layer
-            influence = (sums / counts.clamp(min=1)).float()
-    finally:
-        store.close()
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    with layer_pass(model, offload_dir) as (store, _):
+        lazy.load_rest(layers)
+        batches = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+        calls = record_first_calls(model, layers, batches, store, "d")
+        lazy.unload_rest()  # only the first layer's inputs needed the embeddings
+        sums = torch.zeros(len(layers), dtype=torch.float64)
+        counts = torch.zeros(len(layers), dtype=torch.float64)
+        for i in iterate(range(len(layers)), "block influence"):
+            layer = lazy.load_layer(layers, i)
+            for j, batch in enumerate(batches):
+                hidden = store.get(f"d{j}")
+                out = run_layer(layer, hidden, calls[j])
+                total, n = token_influence(hidden, out, batch.get("attention_mask"))
+                sums[i] += float(total)
+                counts[i] += n
+                store.put(f"d{j}", out)
+            del layer
+        influence = (sums / counts.clamp(min=1)).float()
     plan = depth_plan(model, influence=influence, params_ratio=params_ratio, params=params, num_drop=num_drop,
                       protect=protect)
     kept = [i for i, layer in enumerate(plan.layers) if not layer.drop]
