@@ -24,16 +24,9 @@ import logging
 import os
 import sys
 
-from .cli_prune_args import DEFAULT_METRICS, PruneArgs, prune_data
+from .cli_prune_args import DEFAULT_METRICS, OneLineParser, PruneArgs, prune_data
 
 USAGE = __doc__.split("\n\n")[1]
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argparse parser whose errors are one line, like the rest of the command's errors."""
-
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
 
 
 def _setup_logging() -> None:
@@ -171,7 +164,7 @@ def cmd_prune(args: list) -> int:
 def cmd_report(args: list) -> int:
     from .report import report
 
-    parser = _Parser(prog="hfprune report", description="Tables and PNG plots of a pruned checkpoint.")
+    parser = OneLineParser(prog="hfprune report", description="Tables and PNG plots of a pruned checkpoint.")
     parser.add_argument("dir", help="pruned checkpoint directory")
     parser.add_argument("--out", default=None, help="folder for the PNG plots (default DIR/plots)")
     parser.add_argument("--no-plots", action="store_true", help="print the tables only")

@@ -7,11 +7,19 @@ checks are written once.
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 
 ROWS_LOADER = "hfprune.data.rows:load_rows"
 DEFAULT_METRICS = {"text-classification": ["accuracy"], "causal-lm": ["perplexity"], "forecasting": ["mse", "mae"]}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line, like the rest of the command's errors (every subcommand)."""
+
+    def error(self, message: str):
+        raise SystemExit(f"{self.prog}: error: {message}")
 
 
 @dataclass

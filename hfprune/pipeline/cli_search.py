@@ -21,15 +21,10 @@ import argparse
 import os
 import sys
 
-from .cli_prune_args import calibration_texts
+from .cli_prune_args import OneLineParser, calibration_texts
 
 USAGE = __doc__.split("\n\n")[1]
 BUDGET_FLAGS = ("params_ratio", "macs_ratio", "memory_ratio", "latency_ratio")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -116,7 +111,7 @@ def search_config(args):
 def main(args) -> int:
     """Run ``hfprune search`` from an argument list or a parsed namespace."""
     if not isinstance(args, argparse.Namespace):
-        args = build_parser(_Parser(prog="hfprune search", description=USAGE)).parse_args(list(args))
+        args = build_parser(OneLineParser(prog="hfprune search", description=USAGE)).parse_args(list(args))
     config = search_config(args)
     if not os.path.isdir(args.model_dir):
         raise FileNotFoundError(f"model directory {args.model_dir!r} does not exist")

@@ -19,13 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .cli_prune_args import OneLineParser
+
 USAGE = __doc__.split("\n\n")[1]
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -61,7 +58,7 @@ def vllm_python(explicit: str | None = None) -> str:
 def main(args) -> int:
     """Run ``hfprune serve`` from an argument list or a parsed namespace; the server's exit code."""
     if not isinstance(args, argparse.Namespace):
-        args = build_parser(_OneLineParser(prog="hfprune serve", description=USAGE)).parse_args(list(args))
+        args = build_parser(OneLineParser(prog="hfprune serve", description=USAGE)).parse_args(list(args))
     from .serving.layout import read_layout
 
     directory = Path(args.model_dir)

@@ -25,14 +25,9 @@ import argparse
 import os
 import sys
 
-from .cli_prune_args import calibration_texts
+from .cli_prune_args import OneLineParser, calibration_texts
 
 USAGE = __doc__.split("\n\n")[1]
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"{self.prog}: error: {message}")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -79,7 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def main(args) -> int:
     """Run ``hfprune sparsify`` from an argument list (``["MODEL_DIR", "--output", ...]``) or parsed namespace."""
     if not isinstance(args, argparse.Namespace):
-        args = build_parser(_OneLineParser(prog="hfprune sparsify", description=USAGE)).parse_args(list(args))
+        args = build_parser(OneLineParser(prog="hfprune sparsify", description=USAGE)).parse_args(list(args))
     from ..pruning.sparsity import SparsityConfig, save_sparse, sparsify
 
     config = SparsityConfig(criterion=args.criterion, sparsity=args.sparsity, pattern=args.pattern,
