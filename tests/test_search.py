@@ -141,10 +141,9 @@ def test_new_budget_reuses_cached_scores(tmp_path, monkeypatch):
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["evals", "evals", "scores", "scores"]
 
 
-def test_cli_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
+def _saved_model_and_text(tmp_path):
+    """A tiny Llama with a word-level tokenizer saved to ``tmp_path/dense``, and a calibration text file."""
     tok = pytest.importorskip("tokenizers")
-    from hfprune.pipeline.cli import main
-
     _llama().save_pretrained(tmp_path / "dense")
     vocab = {f"w{i}": i for i in range(99)}
     backend = tok.Tokenizer(tok.models.WordLevel(vocab, unk_token="w0"))
@@ -153,6 +152,13 @@ def test_cli_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
                               eos_token="w2").save_pretrained(tmp_path / "dense")
     text = tmp_path / "calib.txt"
     text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 96 + 3}" for j in range(40)) for i in range(30)))
+    return text
+
+
+def test_cli_writes_table_json_plot_and_checkpoint(tmp_path, capsys):
+    from hfprune.pipeline.cli import main
+
+    text = _saved_model_and_text(tmp_path)
     out = tmp_path / "out"
     rc = main(["search", str(tmp_path / "dense"), "--output", str(out), "--params_ratio", "0.75",
                "--data_files", str(text), "--max_length", "16", "--calibration_rows", "8", "--eval_rows", "4",
@@ -261,17 +267,9 @@ def test_latency_budget_uses_the_measured_table():
 
 
 def test_cli_distils_the_finalists(tmp_path, capsys):
-    tok = pytest.importorskip("tokenizers")
     from hfprune.pipeline.cli import main
 
-    _llama().save_pretrained(tmp_path / "dense")
-    vocab = {f"w{i}": i for i in range(99)}
-    backend = tok.Tokenizer(tok.models.WordLevel(vocab, unk_token="w0"))
-    backend.pre_tokenizer = tok.pre_tokenizers.Whitespace()
-    T.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0", pad_token="w0",
-                              eos_token="w2").save_pretrained(tmp_path / "dense")
-    text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(" ".join(f"w{(i * 7 + j) % 96 + 3}" for j in range(40)) for i in range(30)))
+    text = _saved_model_and_text(tmp_path)
     out = tmp_path / "out"
     rc = main(["search", str(tmp_path / "dense"), "--output", str(out), "--params_ratio", "0.75",
                "--data_files", str(text), "--max_length", "16", "--calibration_rows", "8", "--eval_rows", "4",
