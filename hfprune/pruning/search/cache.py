@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -91,9 +92,7 @@ class SearchCache:
             else:
                 flat[axis] = value.detach().float().cpu().contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(flat, str(tmp), metadata={"format": "hfprune-search-scores"})
-        os.replace(tmp, path)
+        _write_atomically(path, lambda tmp: save_file(flat, tmp, metadata={"format": "hfprune-search-scores"}))
 
     # -- evaluations: {plan digest: dict} -----------------------------------------------------------------------
 
@@ -116,6 +115,18 @@ class SearchCache:
         path = self.evals_path
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(evals, indent=1, sort_keys=True))
-            os.replace(tmp, path)
+            _write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(evals, indent=1, sort_keys=True)))
+
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(temporary path)`` then rename it onto ``path``: a reader never sees half a file, and two searches
+    sharing a cache never write the same temporary file (a unique name hfprune created; removed on failure)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".hfprune-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
