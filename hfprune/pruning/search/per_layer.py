@@ -14,6 +14,7 @@ with the generated modeling code, not as a plain checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 
 import torch
@@ -41,8 +42,6 @@ def ladder(axis: str, geo, config) -> list:
 
 def bases(geo, config) -> list:
     """The grid points of the searched axes other than the per-layer ones, widths dense."""
-    import itertools
-
     others = [a for a in config.axes if a in geo.present and a not in ("ffn", "heads")]
     dense = geo.dense_shape()
     return [dataclasses.replace(dense, **{FIELD[a]: v for a, v in zip(others, values)})
@@ -96,7 +95,7 @@ def knapsack(items: list, need: float) -> list | None:
     return chosen[::-1]
 
 
-def per_layer_candidates(model, geo, scores: dict, config, meter, sens: dict, bases: list) -> list:
+def per_layer_candidates(geo, scores: dict, config, meter, sens: dict, bases: list) -> list:
     """One knapsack candidate per ``bases`` shape (the other axes' grid points, width dense) that meets the
     budget; ``sens`` from :func:`sensitivities`."""
     budget = config.ratio * meter.dense

@@ -158,8 +158,7 @@ def search(model: nn.Module, calibration, config: SearchConfig, eval_data=None, 
         per_layer_evals = 0
         if config.per_layer:
             sens = per_layer.sensitivities(target, geo, scores, config, held_out, cache, dense["nll"])
-            candidates += per_layer.per_layer_candidates(target, geo, scores, config, meter, sens,
-                                                         per_layer.bases(geo, config))
+            candidates += per_layer.per_layer_candidates(geo, scores, config, meter, sens, per_layer.bases(geo, config))
             timings["per_layer"] = time.perf_counter() - start - sum(timings.values())
             per_layer_evals = len(sens)
         rows, evaluated, hits = [], 0, 0
